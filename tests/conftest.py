@@ -1,0 +1,34 @@
+"""Test setup: without a GPU, Triton kernels run in the interpreter (set before triton is imported)."""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+
+from autoselect import _backends  # noqa: E402
+
+
+def backend_cases(op: str):
+    """(device, backend) pairs that can run `op` here: reference, C++ and the Triton interpreter on the
+    CPU; CUDA and compiled Triton on a GPU when there is one."""
+    cases = []
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for backend in _backends._OPS[op]:
+            if _backends.availability(backend, device)[0]:
+                cases.append(pytest.param(device, backend, id=f"{device}-{backend}"))
+    return cases
+
+
+@pytest.fixture
+def poison():
+    """Fill and free a large block so that the next allocations are likely to start as NaN, not zeros:
+    a kernel that leaves an element unwritten then fails the comparison."""
+    def run(device):
+        block = torch.full((1 << 22, ), float("nan"), device=device)
+        del block
+    return run
