@@ -78,12 +78,13 @@ def test_cuda_sources_compile_with_nvcc(source, tmp_path):
 
 
 @pytest.mark.parametrize("arch", [80, 90])
-def test_triton_kernels_compile_ahead_of_time(arch):
+def test_triton_kernels_compile_ahead_of_time(arch, tmp_path):
     """Compiled by Triton's own ptxas in a fresh process without TRITON_INTERPRET."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     code = ("import sys; from autoselect.triton_kernels import compile_ahead_of_time as c; "
             f"r = c({arch}); print(len(r), min(size for _, _, size in r))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    # From an empty folder, so that the installed package is imported, not the source tree.
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     count, smallest = (int(v) for v in result.stdout.split())
     assert count >= 12 and smallest > 0

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -13,8 +14,9 @@ from autoselect.cli import main
 
 
 def run_cli(*args, env=None):
+    # From outside the source tree, so that the installed package is what runs.
     return subprocess.run([sys.executable, "-m", "autoselect", *args], capture_output=True, text=True,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **(env or {})}, cwd=tempfile.gettempdir())
 
 
 def test_info_shows_cpp_backend_on_cpu():

@@ -19,8 +19,9 @@ FIELDS = ["date", "kernel", "mode", "provider", "backend", "shape", "dtype", "de
           "p20_ms", "p80_ms", "gbps", "note", "autoselect", "torch", "triton"]
 
 
-def measure(fn, device: torch.device, repeats: int = 20, warmup: int = 3):
-    """(median, p20, p80) of fn() in milliseconds."""
+def measure(fn, device: torch.device, repeats: int = 20, warmup: int = 10):
+    """(median, p20, p80) of fn() in milliseconds. On the CPU, `warmup` untimed calls first: the first
+    calls of a process pay for page faults on fresh allocations."""
     if device.type == "cuda":
         from triton.testing import do_bench
 
