@@ -29,7 +29,8 @@ inline void check_noise_gate_inputs(const at::Tensor& x, const at::Tensor& alpha
   TORCH_CHECK(x.is_contiguous(), op, ": x must be contiguous");
   const auto opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t D = x.size(-1);
-  const int64_t rows = D == 0 ? 0 : x.numel() / D;
+  int64_t rows = 1;  // tokens: the product of all but the last dimension (also when D == 0)
+  for (int64_t dim = 0; dim + 1 < x.dim(); ++dim) rows *= x.size(dim);
   for (const at::Tensor* t : {&alpha, &mean, &std}) {
     TORCH_CHECK(t->device() == x.device(), op, ": all tensors must be on ", x.device(),
                 ", got one on ", t->device());

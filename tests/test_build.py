@@ -88,3 +88,20 @@ def test_triton_kernels_compile_ahead_of_time(arch, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     count, smallest = (int(v) for v in result.stdout.split())
     assert count >= 12 and smallest > 0
+
+
+def test_wheel_holds_extension_and_namespaced_triton_kernels(tmp_path):
+    """`pip wheel` (what `pip install .` installs) packs autoselect._C and the Triton kernels as
+    autoselect.triton_kernels, and no top-level `triton_kernels` (a name other packages use)."""
+    import zipfile
+
+    env = {**os.environ, "MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
+                             "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    (wheel, ) = tmp_path.glob("autoselect-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert any(n.startswith("autoselect/_C") and n.endswith(".so") for n in names), names
+    assert "autoselect/triton_kernels/noise_gate.py" in names
+    assert "autoselect/ops/noise_gate.py" in names
+    assert not any(n.startswith("triton_kernels/") for n in names)

@@ -339,3 +339,23 @@ def test_gpu_backends_agree_at_llava_shape():
         scale = results["reference"][1].abs().max().item()
         torch.testing.assert_close(results[backend][1] / scale, results["reference"][1] / scale, rtol=1e-3,
                                    atol=1e-3)
+
+
+def test_zero_width_tokens():
+    x, alpha = torch.randn(2, 3, 0), torch.rand(2, 3, requires_grad=True)
+    for backend in ("cpp", "reference"):
+        z = run_backend(backend, x, alpha, torch.zeros(0), torch.ones(0), seed=1)
+        assert z.shape == (2, 3, 0)
+        with force_backend(backend):
+            z.sum().backward()
+        assert torch.equal(alpha.grad, torch.zeros(2, 3))
+        alpha.grad = None
+
+
+def test_value_checks_can_be_skipped(monkeypatch):
+    x, alpha, mean, std, _ = make_inputs((1, 2, 4), torch.float32, "cpu")
+    monkeypatch.setenv("AUTOSELECT_SKIP_VALUE_CHECKS", "1")
+    noise_gate(x, torch.full((1, 2), 1.5), mean, std, seed=1)  # no check, no error
+    monkeypatch.setenv("AUTOSELECT_SKIP_VALUE_CHECKS", "0")
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        noise_gate(x, torch.full((1, 2), 1.5), mean, std, seed=1)
