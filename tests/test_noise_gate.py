@@ -11,7 +11,7 @@ from conftest import backend_cases
 
 CASES = backend_cases("noise_gate")
 # Shapes: LLaVA-like, odd widths (D not a multiple of 4 or 8), a single token, a single channel.
-SHAPES = [(2, 24, 64), (1, 1, 7), (3, 5, 1), (2, 3, 4097), (37, 13)]
+SHAPES = [(2, 24, 64), (1, 1, 7), (3, 5, 1), (2, 3, 4097), (2, 3, 2052), (37, 13)]
 
 
 def make_inputs(shape, dtype, device, seed=0, alpha=None):
@@ -132,7 +132,7 @@ def test_gradcheck_reference_float64():
 @pytest.mark.parametrize("needs", ["both", "alpha", "x"])
 @pytest.mark.parametrize("device,backend", CASES)
 def test_backward_matches_reference_autograd(device, backend, needs, dtype):
-    for shape in [(2, 10, 64), (3, 4, 7)]:
+    for shape in [(2, 10, 64), (3, 4, 7), (1, 3, 2052)]:  # one chunk, odd width, several chunks
         x, alpha, mean, std, _ = make_inputs(shape, dtype, device, seed=6)
         grad = torch.randn(shape, generator=torch.Generator().manual_seed(7)).to(device=device, dtype=dtype)
         results = []

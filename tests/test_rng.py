@@ -33,7 +33,7 @@ def test_same_seed_same_output(device, backend):
     assert not torch.equal(first, other)
 
 
-@pytest.mark.parametrize("width", [64, 7, 1])
+@pytest.mark.parametrize("width", [64, 7, 1, 2052])
 @pytest.mark.parametrize("device,backend", CASES)
 def test_backend_noise_is_contract_noise(device, backend, width):
     """Every backend's noise equals the PyTorch implementation of the contract to float rounding,
