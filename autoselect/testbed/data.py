@@ -1,0 +1,313 @@
+"""Synthetic visual questions for the testbed (DESIGN.md section 6), deterministic from a seed.
+
+A scene is one to five coloured shapes on a cluttered grey background (336 x 336 pixels: 24 x 24 = 576
+patches of 14 pixels, like LLaVA-1.5). The clutter is grey (no hue), so every colour question is
+answerable, but it gives the vision tower edges and blobs everywhere, which keeps "keep the tokens with
+the most energy" from being a good token selector. Objects cover a small part of the image: keeping
+64 of 576 tokens is enough only if the right ones are kept.
+
+Question types (one-word answers):
+  color      What color is the {shape}?                        (that shape is unique in the scene)
+  shape      What shape is the {color} object?                 (that colour is unique in the scene)
+  exist      Is there a {color} {shape} in the image?          yes / no, balanced; absent objects are
+                                                               POPE-style: random, or adversarial
+                                                               (sharing a colour or shape with a
+                                                               present object)
+  count      How many {color} objects are there? / How many {shape}s are there?    0 to 5
+  location   Is the {color} {shape} on the left or the right? / ... at the top or the bottom?
+             (asked only when the object lies entirely in one half)
+
+Files: `write_split` writes PNG images, `<split>.json` in the LLaVA conversation format
+([{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}],
+"type"}]) and `<split>_scenes.json` with the scene descriptions the answers come from.
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+IMAGE_SIZE = 336
+PATCH_SIZE = 14
+SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+COLORS = {
+    "red": (215, 35, 35),
+    "green": (35, 165, 55),
+    "blue": (40, 75, 220),
+    "yellow": (235, 215, 30),
+    "purple": (145, 55, 190),
+    "orange": (245, 135, 20),
+}
+QUESTION_TYPES = ("color", "shape", "exist", "count", "location")
+SPLITS = {"train": 0, "val": 1, "test": 2}
+MAX_OBJECTS = 5
+SIZE_RANGE = (34, 62)  # bounding-box side in pixels: about 2.5 to 4.5 patches
+
+
+@dataclasses.dataclass(frozen=True)
+class SceneObject:
+    """One shape: its kind, colour name, centre (x, y) and bounding-box side, in pixels."""
+
+    shape: str
+    color: str
+    x: int
+    y: int
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Scene:
+    objects: Tuple[SceneObject, ...]
+    background_seed: int
+
+    def to_dict(self) -> dict:
+        return {"objects": [dataclasses.asdict(o) for o in self.objects], "background_seed": self.background_seed}
+
+    @staticmethod
+    def from_dict(data: dict) -> "Scene":
+        return Scene(tuple(SceneObject(**o) for o in data["objects"]), int(data["background_seed"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Question:
+    type: str
+    text: str
+    answer: str
+
+
+def _rng(seed: int, split: str, index: int) -> np.random.Generator:
+    return np.random.default_rng([seed, SPLITS[split], index])
+
+
+def sample_scene(rng: np.random.Generator) -> Scene:
+    """One to five objects, no two with the same (shape, colour), bounding boxes apart by 6 pixels."""
+    count = int(rng.integers(1, MAX_OBJECTS + 1))
+    objects: List[SceneObject] = []
+    used = set()
+    attempts = 0
+    while len(objects) < count and attempts < 200:
+        attempts += 1
+        shape, color = SHAPES[rng.integers(len(SHAPES))], list(COLORS)[rng.integers(len(COLORS))]
+        if objects and rng.random() < 0.4:  # repeat a colour or a shape: count questions need repeats
+            twin = objects[rng.integers(len(objects))]
+            shape, color = (twin.shape, color) if rng.random() < 0.5 else (shape, twin.color)
+        if (shape, color) in used:
+            continue
+        size = int(rng.integers(SIZE_RANGE[0], SIZE_RANGE[1] + 1))
+        half = size // 2 + 4
+        x, y = int(rng.integers(half, IMAGE_SIZE - half)), int(rng.integers(half, IMAGE_SIZE - half))
+        if any(abs(x - o.x) < (size + o.size) // 2 + 6 and abs(y - o.y) < (size + o.size) // 2 + 6 for o in objects):
+            continue
+        objects.append(SceneObject(shape, color, x, y, size))
+        used.add((shape, color))
+    return Scene(tuple(objects), int(rng.integers(2**31)))
+
+
+def _draw_clutter(draw, rng: np.random.Generator, base: int):
+    for _ in range(int(rng.integers(25, 45))):  # grey strokes
+        level = int(np.clip(base + rng.integers(-70, 71), 0, 255))
+        x0, y0 = rng.integers(0, IMAGE_SIZE, 2)
+        length, angle = rng.uniform(20, 140), rng.uniform(0, np.pi)
+        x1, y1 = x0 + length * np.cos(angle), y0 + length * np.sin(angle)
+        draw.line([(int(x0), int(y0)), (int(x1), int(y1))], fill=(level, level, level),
+                  width=int(rng.integers(1, 4)))
+    for _ in range(int(rng.integers(8, 16))):  # grey blobs and rings
+        level = int(np.clip(base + rng.integers(-60, 61), 0, 255))
+        cx, cy = rng.integers(0, IMAGE_SIZE, 2)
+        rx, ry = rng.integers(6, 30, 2)
+        box = [int(cx - rx), int(cy - ry), int(cx + rx), int(cy + ry)]
+        if rng.random() < 0.5:
+            draw.ellipse(box, fill=(level, level, level))
+        else:
+            draw.ellipse(box, outline=(level, level, level), width=2)
+
+
+def _draw_object(draw, obj: SceneObject):
+    fill = COLORS[obj.color]
+    h = obj.size / 2
+    x, y = obj.x, obj.y
+    if obj.shape == "circle":
+        draw.ellipse([x - h, y - h, x + h, y + h], fill=fill)
+    elif obj.shape == "square":
+        s = h * 0.85
+        draw.rectangle([x - s, y - s, x + s, y + s], fill=fill)
+    elif obj.shape == "triangle":
+        draw.polygon([(x, y - h), (x - h, y + h * 0.8), (x + h, y + h * 0.8)], fill=fill)
+    elif obj.shape == "diamond":
+        draw.polygon([(x, y - h), (x + h, y), (x, y + h), (x - h, y)], fill=fill)
+    elif obj.shape == "cross":
+        t = h * 0.33
+        draw.rectangle([x - h, y - t, x + h, y + t], fill=fill)
+        draw.rectangle([x - t, y - h, x + t, y + h], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {obj.shape!r}")
+
+
+def render(scene: Scene):
+    """The scene as a 336 x 336 RGB PIL image."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(scene.background_seed)
+    base = int(rng.integers(80, 176))
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (base, base, base))
+    draw = ImageDraw.Draw(image)
+    _draw_clutter(draw, rng, base)
+    for obj in scene.objects:
+        _draw_object(draw, obj)
+    return image
+
+
+def _side(obj: SceneObject, axis: str) -> Optional[str]:
+    """'left'/'right' (axis x) or 'top'/'bottom' (axis y) when the object lies in one half, else None."""
+    centre, half = (obj.x if axis == "x" else obj.y), obj.size / 2
+    low, high = ("left", "right") if axis == "x" else ("top", "bottom")
+    if centre + half < IMAGE_SIZE / 2:
+        return low
+    if centre - half > IMAGE_SIZE / 2:
+        return high
+    return None
+
+
+def _question_of_type(kind: str, scene: Scene, rng: np.random.Generator) -> Optional[Question]:
+    objects = scene.objects
+    shapes = [o.shape for o in objects]
+    colors = [o.color for o in objects]
+    if kind == "color":
+        unique = [o for o in objects if shapes.count(o.shape) == 1]
+        if not unique:
+            return None
+        obj = unique[rng.integers(len(unique))]
+        return Question(kind, f"What color is the {obj.shape}?", obj.color)
+    if kind == "shape":
+        unique = [o for o in objects if colors.count(o.color) == 1]
+        if not unique:
+            return None
+        obj = unique[rng.integers(len(unique))]
+        return Question(kind, f"What shape is the {obj.color} object?", obj.shape)
+    if kind == "exist":
+        present = {(o.color, o.shape) for o in objects}
+        if rng.random() < 0.5:
+            color, shape = sorted(present)[rng.integers(len(present))]
+            return Question(kind, f"Is there a {color} {shape} in the image?", "yes")
+        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
+        adversarial = [(c, s) for c, s in absent if c in colors or s in shapes]
+        pool = adversarial if adversarial and rng.random() < 0.5 else absent
+        color, shape = pool[rng.integers(len(pool))]
+        return Question(kind, f"Is there a {color} {shape} in the image?", "no")
+    if kind == "count":
+        # Mostly attributes that are present, repeated ones preferred; sometimes any (answer often 0).
+        by_color = rng.random() < 0.5
+        values, names = (colors, list(COLORS)) if by_color else (shapes, list(SHAPES))
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        draw = rng.random()
+        options = repeated if repeated and draw < 0.5 else (names if draw > 0.85 else sorted(set(values)))
+        value = options[rng.integers(len(options))]
+        if by_color:
+            return Question(kind, f"How many {value} objects are there?", str(colors.count(value)))
+        return Question(kind, f"How many {plural(value)} are there?", str(shapes.count(value)))
+    if kind == "location":
+        candidates = [(o, axis) for o in objects for axis in ("x", "y") if _side(o, axis) is not None]
+        if not candidates:
+            return None
+        obj, axis = candidates[rng.integers(len(candidates))]
+        if axis == "x":
+            return Question(kind, f"Is the {obj.color} {obj.shape} on the left or the right?", _side(obj, "x"))
+        return Question(kind, f"Is the {obj.color} {obj.shape} at the top or the bottom?", _side(obj, "y"))
+    raise ValueError(f"unknown question type {kind!r}; choose one of {QUESTION_TYPES}")
+
+
+def make_questions(scene: Scene, rng: np.random.Generator, count: int,
+                   types: Sequence[str] = QUESTION_TYPES) -> List[Question]:
+    """`count` distinct questions about the scene, types drawn in turn from a shuffled order (a type
+    that does not apply to the scene is skipped)."""
+    order = [types[i] for i in rng.permutation(len(types))]
+    questions: List[Question] = []
+    seen = set()
+    for attempt in range(8 * count * len(order)):
+        if len(questions) == count:
+            break
+        question = _question_of_type(order[attempt % len(order)], scene, rng)
+        if question is not None and question.text not in seen:
+            seen.add(question.text)
+            questions.append(question)
+    return questions
+
+
+def vocabulary() -> List[str]:
+    """Every word a question or answer can contain, for a word-level tokenizer."""
+    templates = ["What color is the {s}?", "What shape is the {c} object?", "Is there a {c} {s} in the image?",
+                 "How many {c} objects are there?", "How many {p} are there?",
+                 "Is the {c} {s} on the left or the right?", "Is the {c} {s} at the top or the bottom?"]
+    words = set()
+    for template in templates:
+        for c in COLORS:
+            for s in SHAPES:
+                words.update(split_words(template.format(c=c, s=s, p=plural(s))))
+    words.update(COLORS)
+    words.update(SHAPES)
+    words.update(["yes", "no", "left", "right", "top", "bottom"])
+    words.update(str(i) for i in range(MAX_OBJECTS + 1))
+    return sorted(words)
+
+
+def plural(shape: str) -> str:
+    return shape + ("es" if shape.endswith("s") else "s")
+
+
+def split_words(text: str) -> List[str]:
+    """Lower-case words with punctuation split off: the tokenizer's pre-tokenization."""
+    out = []
+    for raw in text.lower().split():
+        word = raw.rstrip("?.,!")
+        if word:
+            out.append(word)
+        out.extend(raw[len(word):])
+    return out
+
+
+def generate(split: str, count: int, seed: int = 0, questions_per_image: int = 2):
+    """Yield (index, scene, questions) for images 0..count-1 of a split. Image i of a split depends only
+    on (seed, split, i), so a larger split extends a smaller one, and splits never share a seed."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
+    for index in range(count):
+        rng = _rng(seed, split, index)
+        scene = sample_scene(rng)
+        yield index, scene, make_questions(scene, rng, questions_per_image)
+
+
+def write_split(out_dir: str, split: str, count: int, seed: int = 0, questions_per_image: int = 2,
+                progress: bool = True) -> Dict[str, int]:
+    """Write `count` images of `split` with their questions under out_dir (see the module docstring).
+    Returns {question type: number of questions}."""
+    from tqdm.auto import tqdm
+
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    records, scenes, per_type = [], {}, {t: 0 for t in QUESTION_TYPES}
+    for index, scene, questions in tqdm(generate(split, count, seed, questions_per_image), total=count,
+                                        desc=f"testbed {split}", disable=not progress):
+        image_name = f"images/{split}_{index:06d}.png"
+        render(scene).save(os.path.join(out_dir, image_name), optimize=False)
+        scenes[image_name] = scene.to_dict()
+        for q_index, question in enumerate(questions):
+            records.append({
+                "id": f"{split}_{index:06d}_{q_index}",
+                "image": image_name,
+                "type": question.type,
+                "conversations": [{"from": "human", "value": f"<image>\n{question.text}"},
+                                  {"from": "gpt", "value": question.answer}],
+            })
+            per_type[question.type] += 1
+    with open(os.path.join(out_dir, f"{split}.json"), "w") as handle:
+        json.dump(records, handle, indent=1)
+    with open(os.path.join(out_dir, f"{split}_scenes.json"), "w") as handle:
+        json.dump(scenes, handle)
+    return per_type
+
+
+def image_digest(image) -> str:
+    """SHA-256 of the image's pixels (for checking that splits share no image)."""
+    return hashlib.sha256(image.tobytes()).hexdigest()
