@@ -1,0 +1,85 @@
+"""The testbed's tiny VLM: built offline from configs, real transformers classes, LLaVA-1.5 shapes."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the tiny VLM needs transformers (in the [test] extra)")
+
+from autoselect.testbed import data, vlm  # noqa: E402
+from autoselect.testbed.train_vlm import IGNORE_INDEX, Encoder, main as train_main  # noqa: E402
+
+SMALL = dict(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1, text_heads=2)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return vlm.build_processor()
+
+
+def test_tokenizer_is_word_level_over_the_vocabulary(processor):
+    tokenizer = processor.tokenizer
+    text = vlm.prompt("How many crosses are there?", "2")
+    tokens = tokenizer.tokenize(text)
+    assert tokens == ["user", ":", "<image>", "how", "many", "crosses", "are", "there", "?", "assistant", ":", "2",
+                      "</s>"]
+    assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"]
+    for word in data.vocabulary():
+        assert tokenizer.convert_tokens_to_ids(word) != tokenizer.unk_token_id, word
+
+
+def test_processor_expands_image_to_576_tokens(processor):
+    scene = next(data.generate("val", 1))[1]
+    batch = processor(images=[data.render(scene)], text=[vlm.prompt("What color is the circle?")], return_tensors="pt")
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert int((batch["input_ids"] == image_id).sum()) == 576
+    assert batch["pixel_values"].shape == (1, 3, 336, 336)
+
+
+def test_model_forward_gives_576_visual_tokens(processor):
+    model = vlm.build_model(seed=0, tokenizer=processor.tokenizer, **SMALL).eval()
+    assert isinstance(model, transformers.LlavaForConditionalGeneration)
+    scenes = [s for _, s, _ in data.generate("val", 2)]
+    batch = processor(images=[data.render(s) for s in scenes],
+                      text=[vlm.prompt("What color is the circle?"), vlm.prompt("Is there a red cross in the image?")],
+                      return_tensors="pt", padding=True)
+    with torch.no_grad():
+        features = model.get_image_features(pixel_values=batch["pixel_values"])
+        features = features.pooler_output if hasattr(features, "pooler_output") else features
+        features = torch.stack(list(features)) if isinstance(features, (list, tuple)) else features
+        assert features.shape[-2:] == (576, 32)
+        logits = model(**batch).logits
+    assert logits.shape[:2] == batch["input_ids"].shape and torch.isfinite(logits).all()
+
+
+def test_build_is_deterministic(processor):
+    a = vlm.build_model(seed=3, tokenizer=processor.tokenizer, **SMALL)
+    b = vlm.build_model(seed=3, tokenizer=processor.tokenizer, **SMALL)
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
+
+
+def test_encoder_labels_only_answers(processor):
+    encoder = Encoder(processor)
+    ids, labels = encoder.conversation([("What color is the circle?", "red"), ("How many squares are there?", "2")])
+    assert ids.count(encoder.image_token_id) == 576  # the image comes once, with the first question
+    supervised = [processor.tokenizer.convert_ids_to_tokens(t) for t in labels if t != IGNORE_INDEX]
+    assert supervised == ["red", "</s>", "2", "</s>"]
+    assert len(ids) == len(labels)
+
+
+def test_train_vlm_smoke(tmp_path):
+    """A few steps of the documented training command: log written, model and processor reload offline."""
+    data_dir, out = tmp_path / "data", tmp_path / "vlm"
+    for split, count in (("train", 6), ("val", 3)):
+        data.write_split(str(data_dir), split, count, seed=0, questions_per_image=2, progress=False)
+    assert train_main(["--data", str(data_dir), "--out", str(out), "--steps", "3", "--batch-size", "2",
+                       "--eval-every", "3", "--warmup", "1"]) == 0
+    events = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert events[0]["event"] == "start" and events[-1]["event"] == "end"
+    assert any(e["event"] == "eval" for e in events)
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(out)
+    processor = transformers.AutoProcessor.from_pretrained(out)
+    assert model.config.image_seq_length == 576
+    assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
