@@ -34,7 +34,8 @@ int64_t row_grain(int64_t D) { return std::max<int64_t>(1, kGrainElements / std:
 // ---- SIMD noise: the RNG contract of philox.h for eight counters at a time ----------------------
 // Scalar libm log/sin/cos would make this kernel slower than eager PyTorch (whose randn is
 // vectorized), so eight counters run together through Philox and through polynomial log and sincos,
-// written with GCC/Clang vector types (SSE, AVX2 via target_clones, or NEON code from one source).
+// written with GCC/Clang vector types: one source for SSE, AVX2 and AVX-512 (picked at run time by
+// target_clones) or NEON.
 // The polynomials are accurate to a few float ulps: the same noise as Triton up to float rounding.
 
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
@@ -152,8 +153,7 @@ void fill_gate_noise(float* buf, uint64_t seed, uint64_t offset, int64_t start, 
     const int64_t group = i >> 2;
     randn4x_lanes(block, seed, offset + static_cast<uint64_t>(group));
     const int64_t block_end = std::min<int64_t>(end, (group + kLanes) * 4);
-    const float* src = block - group * 4;  // src[i] is the normal of flat element i
-    for (; i < block_end; ++i) buf[i - start] = src[i];
+    for (; i < block_end; ++i) buf[i - start] = block[i - group * 4];
   }
 }
 
