@@ -175,18 +175,16 @@ def _question_of_type(kind: str, scene: Scene, rng: np.random.Generator) -> Opti
     objects = scene.objects
     shapes = [o.shape for o in objects]
     colors = [o.color for o in objects]
-    if kind == "color":
-        unique = [o for o in objects if shapes.count(o.shape) == 1]
+    if kind in ("color", "shape"):
+        # Ask for one attribute of an object named by the other, which must be unique in the scene.
+        named_by = "shape" if kind == "color" else "color"
+        names = shapes if kind == "color" else colors
+        unique = [o for o in objects if names.count(getattr(o, named_by)) == 1]
         if not unique:
             return None
         obj = unique[rng.integers(len(unique))]
-        return Question(kind, f"What color is the {obj.shape}?", obj.color)
-    if kind == "shape":
-        unique = [o for o in objects if colors.count(o.color) == 1]
-        if not unique:
-            return None
-        obj = unique[rng.integers(len(unique))]
-        return Question(kind, f"What shape is the {obj.color} object?", obj.shape)
+        text = f"What color is the {obj.shape}?" if kind == "color" else f"What shape is the {obj.color} object?"
+        return Question(kind, text, getattr(obj, kind))
     if kind == "exist":
         present = {(o.color, o.shape) for o in objects}
         if rng.random() < 0.5:
