@@ -115,3 +115,17 @@ def test_balance_and_coverage():
 def test_bad_split():
     with pytest.raises(ValueError, match="unknown split"):
         next(data.generate("dev", 1))
+
+
+def test_patch_labels_follow_the_objects():
+    """The patch under each object's centre belongs to that object; patches far from every object are
+    background; labels are row-major over the 24 x 24 grid, like the vision tower's tokens."""
+    for _, scene, _ in data.generate("val", 40, seed=4):
+        labels = data.patch_labels(scene)
+        assert labels.shape == (576, )
+        for index, obj in enumerate(scene.objects):
+            assert labels[(obj.y // 14) * 24 + obj.x // 14] == index + 1, obj
+        for patch in range(576):
+            cx, cy = (patch % 24) * 14 + 7, (patch // 24) * 14 + 7
+            if all(abs(cx - o.x) > o.size / 2 + 14 or abs(cy - o.y) > o.size / 2 + 14 for o in scene.objects):
+                assert labels[patch] == 0

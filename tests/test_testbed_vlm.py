@@ -74,10 +74,11 @@ def test_train_vlm_smoke(tmp_path):
     data_dir, out = tmp_path / "data", tmp_path / "vlm"
     for split, count in (("train", 6), ("val", 3)):
         data.write_split(str(data_dir), split, count, seed=0, questions_per_image=2, progress=False)
-    assert train_main(["--data", str(data_dir), "--out", str(out), "--steps", "3", "--batch-size", "2",
-                       "--eval-every", "3", "--warmup", "1"]) == 0
+    assert train_main(["--data", str(data_dir), "--out", str(out), "--vision-steps", "2", "--vision-batch-size", "2",
+                       "--steps", "3", "--batch-size", "2", "--eval-every", "3", "--warmup", "1"]) == 0
     events = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert events[0]["event"] == "start" and events[-1]["event"] == "end"
+    assert [e["step"] for e in events if e["event"] == "vision"] == [2]
     assert any(e["event"] == "eval" for e in events)
     model = transformers.LlavaForConditionalGeneration.from_pretrained(out)
     processor = transformers.AutoProcessor.from_pretrained(out)

@@ -125,8 +125,8 @@ def _draw_clutter(draw, rng: np.random.Generator, base: int):
             draw.ellipse(box, outline=(level, level, level), width=2)
 
 
-def _draw_object(draw, obj: SceneObject):
-    fill = COLORS[obj.color]
+def _draw_object(draw, obj: SceneObject, fill=None):
+    fill = COLORS[obj.color] if fill is None else fill
     h = obj.size / 2
     x, y = obj.x, obj.y
     if obj.shape == "circle":
@@ -158,6 +158,24 @@ def render(scene: Scene):
     for obj in scene.objects:
         _draw_object(draw, obj)
     return image
+
+
+def patch_labels(scene: Scene) -> np.ndarray:
+    """For each of the 24 x 24 patches (row-major, like the vision tower's tokens), 1 + the index of the
+    object covering most of it, or 0 where objects cover less than a quarter of the patch. Drawn with the
+    same shapes as `render`, on a blank canvas."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    draw = ImageDraw.Draw(canvas)
+    for index, obj in enumerate(scene.objects):
+        _draw_object(draw, obj, fill=index + 1)
+    grid = IMAGE_SIZE // PATCH_SIZE
+    ids = np.asarray(canvas).reshape(grid, PATCH_SIZE, grid, PATCH_SIZE).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    if not scene.objects:
+        return np.zeros(grid * grid, dtype=np.int64)
+    share = np.stack([(ids == index + 1).mean(axis=1) for index in range(len(scene.objects))])
+    return np.where(share.max(axis=0) >= 0.25, share.argmax(axis=0) + 1, 0).astype(np.int64)
 
 
 def _side(obj: SceneObject, axis: str) -> Optional[str]:

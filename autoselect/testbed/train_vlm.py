@@ -4,7 +4,11 @@
     python -m autoselect.testbed.train_vlm --data data/testbed --out checkpoints/tiny-vlm
 
 Every parameter trains (vision tower, projector, language model): this makes the frozen VLM that
-AutoSelect is later trained on. The questions of one image are packed into one multi-turn LLaVA
+AutoSelect is later trained on. Training runs in two stages. First the vision tower alone learns to
+name, for every patch, the colour and shape of the object on it (labels drawn from the scene
+descriptions, `data.patch_labels`); without this, the language model's attention is spread over 576
+tokens and the answer loss stays at the question prior for thousands of steps (seen here: 2,200 steps,
+val accuracy 0.39). Then the whole VLM trains on the answers. The questions of one image are packed into one multi-turn LLaVA
 conversation, so the vision tower runs once per image; the loss is the next-token loss on answer
 tokens (and the </s> after each). Validation accuracy (greedy one-word answer) is measured every
 --eval-every steps; the best checkpoint is saved with save_pretrained (safetensors) beside the
@@ -83,6 +87,49 @@ class Encoder:
                 "labels": labels}
 
 
+def pretrain_vision(model, processor, data_dir, steps, batch_size, lr, seed, write, progress_factory):
+    """Stage 1: per-patch colour and shape classification on the vision tower's feature layer, through
+    two linear heads that are dropped afterwards."""
+    from PIL import Image
+
+    from .data import COLORS, SHAPES, Scene, patch_labels
+
+    with open(os.path.join(data_dir, "train_scenes.json")) as handle:
+        scenes = [(path, Scene.from_dict(scene)) for path, scene in json.load(handle).items()]
+    tower = model.model.vision_tower
+    hidden = tower.config.hidden_size
+    color_head, shape_head = torch.nn.Linear(hidden, 1 + len(COLORS)), torch.nn.Linear(hidden, 1 + len(SHAPES))
+    parameters = list(tower.parameters()) + list(color_head.parameters()) + list(shape_head.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
+    color_index = {c: i + 1 for i, c in enumerate(COLORS)}
+    shape_index = {c: i + 1 for i, c in enumerate(SHAPES)}
+    generator = random.Random(seed)
+    progress = progress_factory(range(1, steps + 1), desc="stage 1: vision tower")
+    running = None
+    for step in progress:
+        picked = generator.sample(scenes, batch_size)
+        images = [Image.open(os.path.join(data_dir, path)).convert("RGB") for path, _ in picked]
+        pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        colors, shapes = [], []
+        for _, scene in picked:
+            owner = patch_labels(scene)
+            lookup_color = [0] + [color_index[o.color] for o in scene.objects]
+            lookup_shape = [0] + [shape_index[o.shape] for o in scene.objects]
+            colors.append(torch.tensor([lookup_color[i] for i in owner]))
+            shapes.append(torch.tensor([lookup_shape[i] for i in owner]))
+        features = tower(pixel_values, output_hidden_states=True).hidden_states[model.config.vision_feature_layer][:, 1:]
+        loss = (torch.nn.functional.cross_entropy(color_head(features).flatten(0, 1), torch.cat(colors)) +
+                torch.nn.functional.cross_entropy(shape_head(features).flatten(0, 1), torch.cat(shapes)))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        progress.set_postfix(loss=f"{running:.3f}")
+        if step % 50 == 0 or step == steps:
+            write({"event": "vision", "step": step, "loss": round(running, 4)})
+
+
 @torch.no_grad()
 def evaluate(model, processor, data_dir, records, batch_size=16):
     """Greedy one-word accuracy over single-turn records: overall and per question type."""
@@ -112,7 +159,9 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="folder written by `python -m autoselect.testbed`")
     parser.add_argument("--out", required=True, help="output folder for the model, processor and log")
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--vision-steps", type=int, default=1500, help="stage 1 steps (per-patch labels)")
+    parser.add_argument("--vision-batch-size", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=6000, help="stage 2 steps (answers)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per step")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200)
@@ -152,7 +201,10 @@ def main(argv=None):
     write({"event": "start", "args": vars(args), "parameters": parameters, "torch": torch.__version__,
            "train_images": len(train_groups), "val_records": len(val_records)})
     start, best, order, cursor, running = time.time(), -1.0, [], 0, None
-    progress = tqdm(range(1, args.steps + 1), desc="train tiny VLM", dynamic_ncols=True)
+    if args.vision_steps:
+        pretrain_vision(model, processor, args.data, args.vision_steps, args.vision_batch_size, args.lr, args.seed,
+                        write, lambda it, desc: tqdm(it, desc=desc, dynamic_ncols=True))
+    progress = tqdm(range(1, args.steps + 1), desc="stage 2: tiny VLM", dynamic_ncols=True)
     for step in progress:
         if cursor + args.batch_size > len(order):
             order, cursor = random.sample(range(len(train_groups)), len(train_groups)), 0
