@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 from ._backends import backends, force_backend
 from .ops import gate_noise_ref, noise_gate, noise_gate_ref, noise_offsets
+from .ops import select_topk, select_topk_ref
 
 __all__ = [
     "__version__",
@@ -22,4 +23,6 @@ __all__ = [
     "noise_gate",
     "noise_gate_ref",
     "noise_offsets",
+    "select_topk",
+    "select_topk_ref",
 ]

@@ -25,6 +25,10 @@ TORCH_LIBRARY(autoselect_C, m) {
       "noise_gate_backward(Tensor grad, Tensor x, Tensor alpha, Tensor mean, Tensor std, "
       "Tensor? noise, int seed, int offset, bool need_x_grad, bool need_alpha_grad) "
       "-> (Tensor, Tensor)");
+  m.def("select_topk(Tensor x, Tensor scores, int[] lengths, int[] ks) -> (Tensor, Tensor)");
+  m.def(
+      "score_select(Tensor x, Tensor hidden, Tensor col_sum, Tensor bias, Tensor w2, float b2, float eps, "
+      "int[] lengths, int[] ks) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace py = pybind11;

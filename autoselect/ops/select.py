@@ -1,0 +1,237 @@
+"""Top-K selection of visual tokens (DESIGN.md 1.6): the reference, the torch op and the functional.
+
+    index = the K highest scores of each image, sorted ascending (spatial order kept)
+    kept  = x[index]
+
+Ties go to the lower index: the order is (score descending, index ascending), so the result is
+exact and the same on every backend. Scores are compared in float32 (bf16 and fp16 scores convert
+exactly); -0.0 and +0.0 count as equal.
+
+Every backend works on the packed layout: the tokens of all images concatenated, x (T, D) and
+scores (T,), with a token count and a K per image, so a ragged batch (images with different token
+counts and budgets) runs in one launch without padding to the largest image. A regular batch
+(B, N, D) is the special case of B equal lengths.
+
+Layers: `select_topk_ref` (the spec in PyTorch) -> the kernels (csrc/select_cpu.cpp,
+csrc/select_cuda.cu) -> the torch op `autoselect::select_topk` (backend choice, fake tensors,
+autograd for x) -> the functional `select_topk`, which checks its inputs and names what is wrong.
+"""
+
+import os
+from numbers import Integral, Real
+from typing import List, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .. import _backends, _ext
+
+_backends.register_op("select_topk", ("reference", "cpp", "cuda"))
+
+KeepSpec = Union[int, float]
+_X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Budgets
+# ----------------------------------------------------------------------------------------------------
+
+def resolve_k(k: KeepSpec, n: int, *, where: str = "select_topk") -> int:
+    """The number of tokens to keep out of `n` for a budget `k`: an int in [1, n], or a float in
+    (0, 1] (a fraction of n, rounded to the nearest int, at least 1). Anything else is a ValueError
+    or TypeError that says what was given."""
+    if isinstance(k, bool) or not isinstance(k, (Integral, Real)):
+        raise TypeError(f"{where}: k must be an int (tokens) or a float in (0, 1] (fraction), got "
+                        f"{type(k).__name__}")
+    if isinstance(k, Integral):
+        k = int(k)
+        if not 1 <= k <= n:
+            raise ValueError(f"{where}: k must lie in [1, N] = [1, {n}] tokens, got {k}")
+        return k
+    k = float(k)
+    if not 0.0 < k <= 1.0:  # also rejects NaN
+        raise ValueError(f"{where}: a fractional k must lie in (0, 1], got {k}")
+    return min(n, max(1, int(round(k * n))))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reference
+# ----------------------------------------------------------------------------------------------------
+
+def topk_index_ref(scores: Tensor, k: int) -> Tensor:
+    """Indices of the k highest of a 1-D `scores`, ties toward the lower index, sorted ascending."""
+    keys = scores.to(torch.float32) + 0.0  # -0.0 -> +0.0, so signed zeros tie
+    order = torch.sort(keys, descending=True, stable=True).indices  # stable: equal keys keep index order
+    return torch.sort(order[:k]).values
+
+
+def select_topk_ref(x: Tensor, scores: Tensor, k: int):
+    """The reference of `select_topk` for a regular batch: x (B, N, D), scores (B, N), k an int in
+    [1, N]. Returns kept (B, k, D) (x's dtype) and index (B, k) int64, ascending per image."""
+    index = torch.stack([topk_index_ref(s, k) for s in scores]) if scores.shape[0] else \
+        torch.empty(0, k, dtype=torch.int64, device=x.device)
+    kept = torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return kept, index
+
+
+def _packed_reference(x: Tensor, scores: Tensor, lengths: Sequence[int], ks: Sequence[int]):
+    kept, index = [], []
+    start = 0
+    for n, k in zip(lengths, ks):
+        idx = topk_index_ref(scores[start:start + n], k)
+        kept.append(x[start + idx])
+        index.append(idx)
+        start += n
+    if not kept:
+        return x.new_empty(0, x.shape[-1]), torch.empty(0, dtype=torch.int64, device=x.device)
+    return torch.cat(kept), torch.cat(index)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library op on the packed layout
+# ----------------------------------------------------------------------------------------------------
+
+def _packed_compiled(x, scores, lengths, ks):
+    _ext.extension()  # loads autoselect._C, which registers the autoselect_C ops
+    return torch.ops.autoselect_C.select_topk(x, scores, list(lengths), list(ks))
+
+
+_PACKED = {"reference": _packed_reference, "cpp": _packed_compiled, "cuda": _packed_compiled}
+
+
+@torch.library.custom_op("autoselect::select_topk", mutates_args=())
+def _select_topk_op(x: Tensor, scores: Tensor, lengths: List[int], ks: List[int]) -> tuple[Tensor, Tensor]:
+    backend = _backends.choose("select_topk", x.device)
+    return _PACKED[backend](x, scores, lengths, ks)
+
+
+@_select_topk_op.register_fake
+def _(x, scores, lengths, ks):
+    total = sum(ks)
+    return x.new_empty(total, x.shape[-1]), torch.empty(total, dtype=torch.int64, device=x.device)
+
+
+def _setup_context(ctx, inputs, output):
+    x, scores, lengths, ks = inputs
+    ctx.save_for_backward(output[1])
+    ctx.lengths, ctx.ks, ctx.x_shape = list(lengths), list(ks), x.shape
+
+
+def _backward(ctx, grad_kept, grad_index):
+    (index, ) = ctx.saved_tensors
+    rows = index + _segment_starts(ctx.lengths, ctx.ks, index.device)
+    grad_x = grad_kept.new_zeros(ctx.x_shape)
+    grad_x.index_copy_(0, rows, grad_kept)  # kept rows are distinct: a scatter, not a sum
+    return grad_x, None, None, None
+
+
+_select_topk_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _segment_starts(lengths, ks, device):
+    """For each kept row, the packed row where its image starts (turns local indices global)."""
+    starts = torch.tensor([0] + list(lengths[:-1]), dtype=torch.int64).cumsum(0)
+    return torch.repeat_interleave(starts, torch.tensor(list(ks), dtype=torch.int64)).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Functional
+# ----------------------------------------------------------------------------------------------------
+
+def check_scores_finite(scores: Tensor, where: str):
+    """Raise a ValueError naming the first non-finite score (NaN or inf), with one host sync;
+    AUTOSELECT_SKIP_VALUE_CHECKS=1 skips it."""
+    if os.environ.get("AUTOSELECT_SKIP_VALUE_CHECKS", "0") not in ("", "0") or scores.numel() == 0:
+        return
+    finite = torch.isfinite(scores)
+    if not bool(finite.all()):
+        position = int((~finite).flatten().nonzero()[0])
+        value = scores.flatten()[position].item()
+        raise ValueError(f"{where}: scores must be finite; found {int((~finite).sum())} NaN or inf value(s), "
+                         f"the first at flat position {position} ({value})")
+
+
+def _check_pair(x, scores, where, index_name=""):
+    label = f"x{index_name}" if index_name else "x"
+    if not isinstance(x, Tensor) or not isinstance(scores, Tensor):
+        raise TypeError(f"{where}: x and scores must be tensors, got {type(x).__name__} and {type(scores).__name__}")
+    if x.dtype not in _X_DTYPES:
+        raise TypeError(f"{where}: {label} must be float32, float16, bfloat16 or float64, got {x.dtype}")
+    if not scores.is_floating_point():
+        raise TypeError(f"{where}: scores must be a floating-point tensor, got {scores.dtype}")
+    if scores.device != x.device:
+        raise ValueError(f"{where}: x and scores must be on one device; {label} is on {x.device}, scores on "
+                         f"{scores.device}")
+
+
+def _packed_inputs(xs, scores_list, k, where):
+    """Validate a ragged batch and pack it: (x (T, D), scores (T,), lengths, ks)."""
+    if not isinstance(scores_list, (list, tuple)) or len(scores_list) != len(xs):
+        raise ValueError(f"{where}: with a list of {len(xs)} token tensors, scores must be a list of as many "
+                         f"(N_i,) tensors")
+    if len(xs) == 0:
+        raise ValueError(f"{where}: the list of images is empty")
+    if isinstance(k, (list, tuple)):
+        if len(k) != len(xs):
+            raise ValueError(f"{where}: k has {len(k)} entries for {len(xs)} images")
+        budgets = list(k)
+    else:
+        budgets = [k] * len(xs)
+    lengths, ks = [], []
+    D = None
+    for i, (x, s) in enumerate(zip(xs, scores_list)):
+        _check_pair(x, s, where, f"[{i}]")
+        if x.dim() != 2:
+            raise ValueError(f"{where}: x[{i}] must have shape (N_i, D), got {tuple(x.shape)}")
+        if tuple(s.shape) != (x.shape[0], ):
+            raise ValueError(f"{where}: scores[{i}] must have shape ({x.shape[0]},), got {tuple(s.shape)}")
+        if D is None:
+            D, dtype, device = x.shape[1], x.dtype, x.device
+        elif x.shape[1] != D or x.dtype != dtype or x.device != device:
+            raise ValueError(f"{where}: every image must share D, dtype and device; x[0] is ({D}, {dtype}, "
+                             f"{device}), x[{i}] is ({x.shape[1]}, {x.dtype}, {x.device})")
+        lengths.append(int(x.shape[0]))
+        ks.append(resolve_k(budgets[i], int(x.shape[0]), where=f"{where} (image {i})"))
+    return torch.cat(list(xs)), torch.cat(list(scores_list)), lengths, ks
+
+
+def select_topk(x: Union[Tensor, Sequence[Tensor]], scores: Union[Tensor, Sequence[Tensor]],
+                k: Union[KeepSpec, Sequence[KeepSpec]]):
+    """Keep the top-k tokens of each image, in their original (spatial) order.
+
+    Args:
+        x: visual tokens (B, N, D), fp32/fp16/bf16/fp64; or a ragged batch, a list of (N_i, D)
+            tensors (different token counts per image, run in one launch without padding).
+        scores: one score per token, (B, N) (or a list of (N_i,)); any float dtype, compared in
+            float32; must be finite (NaN or inf is a ValueError).
+        k: tokens to keep per image: an int in [1, N], or a float in (0, 1] (a fraction of N,
+            rounded, at least 1). For a ragged batch also a list with one budget per image.
+
+    Returns:
+        (kept, index): kept (B, K, D) with x's dtype and index (B, K) int64, ascending per image;
+        ties between equal scores go to the lower index. For a list input, two lists: kept[i]
+        (K_i, D) and index[i] (K_i,). `kept` is differentiable with respect to x (a gather);
+        scores get no gradient (use `soft_topk` to train through a budget).
+    """
+    where = "select_topk"
+    if isinstance(x, (list, tuple)):
+        packed_x, packed_scores, lengths, ks = _packed_inputs(x, scores, k, where)
+        check_scores_finite(packed_scores, where)
+        kept, index = _select_topk_op(packed_x.contiguous(), packed_scores.contiguous(), lengths, ks)
+        return list(kept.split(ks)), list(index.split(ks))
+    _check_pair(x, scores, where)
+    if x.dim() != 3:
+        raise ValueError(f"{where}: x must have shape (B, N, D) (or be a list of (N_i, D) tensors), got "
+                         f"{tuple(x.shape)}")
+    if tuple(scores.shape) != tuple(x.shape[:2]):
+        raise ValueError(f"{where}: scores must have shape {tuple(x.shape[:2])} (one per token of x "
+                         f"{tuple(x.shape)}), got {tuple(scores.shape)}")
+    if isinstance(k, (list, tuple)):
+        raise TypeError(f"{where}: a per-image list of k needs a ragged batch (a list of (N_i, D) tensors); "
+                        "a (B, N, D) batch keeps the same k in every image")
+    B, N, D = x.shape
+    k = resolve_k(k, N, where=where)
+    check_scores_finite(scores, where)
+    kept, index = _select_topk_op(x.reshape(B * N, D).contiguous() if B * N else x.new_empty(0, D),
+                                  scores.reshape(B * N).contiguous(), [N] * B, [k] * B)
+    return kept.reshape(B, k, D), index.reshape(B, k)

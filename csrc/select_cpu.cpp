@@ -1,0 +1,138 @@
+// Top-K token selection on the CPU (DESIGN.md 1.6), plain and fused with the Scorer's tail.
+//
+// select_topk:  per image, the K largest 64-bit keys (select.h: score, then lower index) by
+//               std::nth_element (linear on average), the kept positions sorted ascending, the rows
+//               gathered with memcpy. Images run in parallel; the gather runs over all kept rows.
+// score_select: first the scores of every token from the first layer's GEMM output (select.h),
+//               in parallel over tokens, then the same selection. The GEMM itself is torch's.
+#include "select.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <vector>
+
+namespace autoselect {
+namespace {
+
+constexpr int64_t kGrainBytes = 1 << 16;
+
+// The kept positions of every image (local, ascending) into index_out, from float scores.
+void select_indices(const float* scores, const Segments& seg, at::IntArrayRef lengths, at::IntArrayRef ks,
+                    int64_t* index_out) {
+  at::parallel_for(0, static_cast<int64_t>(lengths.size()), 1, [&](int64_t begin, int64_t end) {
+    std::vector<uint64_t> keys;
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n = lengths[b], k = ks[b];
+      const float* s = scores + seg.token_start[b];
+      keys.resize(n);
+      for (int64_t i = 0; i < n; ++i) keys[i] = select_key(s[i], static_cast<uint32_t>(i));
+      if (k < n) std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<uint64_t>());
+      int64_t* out = index_out + seg.kept_start[b];
+      for (int64_t j = 0; j < k; ++j) out[j] = key_index(keys[j]);
+      std::sort(out, out + k);
+    }
+  });
+}
+
+void gather_rows(const at::Tensor& x, const Segments& seg, at::IntArrayRef ks, const int64_t* index,
+                 at::Tensor& kept) {
+  const int64_t row_bytes = x.size(1) * x.element_size();
+  const char* src = static_cast<const char*>(x.const_data_ptr());
+  char* dst = static_cast<char*>(kept.mutable_data_ptr());
+  // The image of each kept row, so that any range of rows can be copied on its own.
+  std::vector<int64_t> row_start(seg.total_kept);
+  for (size_t b = 0; b < ks.size(); ++b)
+    std::fill_n(row_start.begin() + seg.kept_start[b], ks[b], seg.token_start[b]);
+  const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(row_bytes, 1));
+  at::parallel_for(0, seg.total_kept, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      std::memcpy(dst + r * row_bytes, src + (row_start[r] + index[r]) * row_bytes, row_bytes);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> select_from_scores(const at::Tensor& x, const at::Tensor& scores_f32,
+                                                      const Segments& seg, at::IntArrayRef lengths,
+                                                      at::IntArrayRef ks) {
+  at::Tensor index = at::empty({seg.total_kept}, x.options().dtype(at::kLong));
+  at::Tensor kept = at::empty({seg.total_kept, x.size(1)}, x.options());
+  select_indices(scores_f32.const_data_ptr<float>(), seg, lengths, ks, index.mutable_data_ptr<int64_t>());
+  gather_rows(x, seg, ks, index.const_data_ptr<int64_t>(), kept);
+  return {kept, index};
+}
+
+std::tuple<at::Tensor, at::Tensor> select_topk_cpu(const at::Tensor& x, const at::Tensor& scores,
+                                                   at::IntArrayRef lengths, at::IntArrayRef ks) {
+  const Segments seg = check_select_inputs(x, scores, lengths, ks, c10::DeviceType::CPU, "select_topk");
+  return select_from_scores(x, scores.to(at::kFloat).contiguous(), seg, lengths, ks);
+}
+
+// ---- fused scoring ----------------------------------------------------------------------------
+
+inline float gelu(float h) { return 0.5f * h * (1.0f + std::erf(h * 0.70710678118654752f)); }
+
+template <typename scalar_t, typename hidden_t>
+void score_tokens(const at::Tensor& x, const at::Tensor& hidden, const float* col_sum, const float* bias,
+                  const float* w2, float b2, double eps, float* scores) {
+  const int64_t T = x.size(0), D = x.size(1), H = hidden.size(1);
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const hidden_t* hp = hidden.const_data_ptr<hidden_t>();
+  const int64_t grain = std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(D + H, 1));
+  at::parallel_for(0, T, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const scalar_t* row = xp + t * D;
+      double sum = 0.0;
+      for (int64_t d = 0; d < D; ++d) sum += static_cast<double>(row[d]);
+      const double mean = sum / static_cast<double>(D);
+      double square = 0.0;
+      for (int64_t d = 0; d < D; ++d) {
+        const double centred = static_cast<double>(row[d]) - mean;
+        square += centred * centred;
+      }
+      const float rstd = static_cast<float>(1.0 / std::sqrt(square / static_cast<double>(D) + eps));
+      const float mean_f = static_cast<float>(mean);
+      const hidden_t* h_row = hp + t * H;
+      float score = 0.0f;
+      for (int64_t h = 0; h < H; ++h) {
+        const float pre = (static_cast<float>(h_row[h]) - mean_f * col_sum[h]) * rstd + bias[h];
+        score += w2[h] * gelu(pre);
+      }
+      scores[t] = score + b2;
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> score_select_cpu(const at::Tensor& x, const at::Tensor& hidden,
+                                                                const at::Tensor& col_sum, const at::Tensor& bias,
+                                                                const at::Tensor& w2, double b2, double eps,
+                                                                at::IntArrayRef lengths, at::IntArrayRef ks) {
+  const Segments seg = check_select_inputs(x, at::empty({x.size(0)}, x.options()), lengths, ks,
+                                           c10::DeviceType::CPU, "score_select");
+  check_scorer_inputs(x, hidden, col_sum, bias, w2, "score_select");
+  at::Tensor scores = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "score_select_cpu", [&] {
+    using x_t = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "score_select_cpu_hidden", [&] {
+      score_tokens<x_t, scalar_t>(x, hidden, col_sum.const_data_ptr<float>(), bias.const_data_ptr<float>(),
+                                  w2.const_data_ptr<float>(), static_cast<float>(b2), eps,
+                                  scores.mutable_data_ptr<float>());
+    });
+  });
+  auto [kept, index] = select_from_scores(x, scores, seg, lengths, ks);
+  return {kept, index, scores};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(autoselect_C, CPU, m) {
+  m.impl("select_topk", &select_topk_cpu);
+  m.impl("score_select", &score_select_cpu);
+}
+
+}  // namespace autoselect
