@@ -59,12 +59,12 @@ def info_lines():
     else:
         reason = "torch has no CUDA" if torch.version.cuda is None else "no CUDA device visible"
         lines.append(f"GPU: none ({reason})")
-    header = f"{'op':<12} {'device':<6} {'chosen':<10} {'available':<24} missing"
+    header = f"{'op':<14} {'device':<6} {'chosen':<10} {'available':<24} missing"
     lines += [header, "-" * len(header)]
     for device in devices:
         for op, entry in _backends.backends(device).items():
             missing = "; ".join(f"{b}: {why}" for b, why in entry["missing"].items()) or "-"
-            lines.append(f"{op:<12} {device:<6} {entry['chosen'] or 'error':<10} "
+            lines.append(f"{op:<14} {device:<6} {entry['chosen'] or 'error':<10} "
                          f"{', '.join(entry['available']):<24} {missing}")
     return lines
 
@@ -83,12 +83,12 @@ def _parse_dtype(name: str) -> torch.dtype:
 
 
 def _format_table(rows):
-    header = f"{'kernel':<11} {'mode':<19} {'provider':<11} {'backend':<9} {'shape':<20} {'dtype':<9} " \
+    header = f"{'kernel':<14} {'mode':<19} {'provider':<11} {'backend':<9} {'shape':<20} {'dtype':<9} " \
              f"{'median ms':>10} {'p20':>8} {'p80':>8} {'GB/s':>8}  note"
     out = [header, "-" * len(header)]
     for r in rows:
         number = lambda v, fmt: (fmt.format(v) if isinstance(v, float) else str(v))  # noqa: E731
-        out.append(f"{r['kernel']:<11} {r['mode']:<19} {r['provider']:<11} {r['backend']:<9} {r['shape']:<20} "
+        out.append(f"{r['kernel']:<14} {r['mode']:<19} {r['provider']:<11} {r['backend']:<9} {r['shape']:<20} "
                    f"{r['dtype']:<9} {number(r.get('median_ms', ''), '{:.3f}'):>10} "
                    f"{number(r.get('p20_ms', ''), '{:.3f}'):>8} {number(r.get('p80_ms', ''), '{:.3f}'):>8} "
                    f"{number(r.get('gbps', ''), '{:.1f}'):>8}  {r.get('note', '')}")
@@ -127,6 +127,23 @@ def cmd_bench(args):
         if op not in OPS:
             print(f"unknown op {op!r}; benchmarks exist for {', '.join(OPS)}", file=sys.stderr)
             return 2
+        if hasattr(OPS[op], "parse_shape"):  # an op whose shapes are not B,N,D (diag_attention: B,N,H,d,M)
+            fields = ",".join(OPS[op].SHAPE_FIELDS)
+            parsed = []
+            for shape in args.shape or OPS[op].DEFAULT_SHAPES[device.type]:
+                try:
+                    parsed.append(OPS[op].parse_shape(shape))
+                except ValueError:
+                    if args.op:  # named explicitly: every --shape must fit it
+                        print(f"--shape for {op} takes {fields}, got {shape!r}", file=sys.stderr)
+                        return 2
+            if not parsed:
+                print(f"skipping {op}: no --shape of the form {fields}", flush=True)
+            for kwargs in parsed:
+                print(f"benchmarking {op} {' '.join(f'{k}={v}' for k, v in kwargs.items())} {dtype} on {device} ...",
+                      flush=True)
+                rows += OPS[op].run(**kwargs, dtype=dtype, device=device, repeats=args.repeats)
+            continue
         for shape in shapes:
             try:
                 B, N, D = (int(v) for v in shape.split(","))
@@ -139,6 +156,8 @@ def cmd_bench(args):
     print("\n".join(_ratio_lines(rows)))
     if args.results:
         for op in ops:
+            if not any(r["kernel"] == op for r in rows):
+                continue
             path = os.path.join(args.results, f"{op}.csv")
             append_rows(path, [r for r in rows if r["kernel"] == op])
             print(f"appended {sum(r['kernel'] == op for r in rows)} rows to {path}")
@@ -153,7 +172,7 @@ def build_parser():
     info.set_defaults(func=cmd_info)
     bench = sub.add_parser("bench", help="benchmark the ops against eager PyTorch")
     bench.add_argument("--op", action="append", help="op to benchmark (repeatable; default: all)")
-    bench.add_argument("--shape", action="append", help="B,N,D (repeatable)")
+    bench.add_argument("--shape", action="append", help="B,N,D (repeatable); diag_attention: B,N,H,d,M; select: B,N,D,K")
     bench.add_argument("--dtype", type=_parse_dtype, help="fp32, fp16 or bf16 (default: fp32 on CPU, bf16 on GPU)")
     bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--repeats", type=int, default=20, help="timed repeats per case on the CPU")

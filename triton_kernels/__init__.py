@@ -5,7 +5,7 @@ TRITON_INTERPRET=1 (set before triton is first imported) and can still be compil
 a chosen GPU architecture with `compile_ahead_of_time`.
 """
 
-from . import noise_gate
+from . import diag_attention, noise_gate
 from .aot import compile_ahead_of_time
 
-__all__ = ["compile_ahead_of_time", "noise_gate"]
+__all__ = ["compile_ahead_of_time", "diag_attention", "noise_gate"]

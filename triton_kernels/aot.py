@@ -8,7 +8,7 @@ target, not only that it runs under the interpreter.
 import importlib
 
 
-OPS = ("noise_gate",)
+OPS = ("noise_gate", "diag_attention")
 
 
 def compile_ahead_of_time(arch: int, ops=OPS):

@@ -101,6 +101,7 @@ _PACKED = {"reference": _packed_reference, "cpp": _packed_compiled, "cuda": _pac
 
 @torch.library.custom_op("autoselect::select_topk", mutates_args=())
 def _select_topk_op(x: Tensor, scores: Tensor, lengths: List[int], ks: List[int]) -> tuple[Tensor, Tensor]:
+    check_scores_finite(scores, "select_topk")  # inside the op: real values, also under torch.compile
     backend = _backends.choose("select_topk", x.device)
     return _PACKED[backend](x, scores, lengths, ks)
 
@@ -216,7 +217,6 @@ def select_topk(x: Union[Tensor, Sequence[Tensor]], scores: Union[Tensor, Sequen
     where = "select_topk"
     if isinstance(x, (list, tuple)):
         packed_x, packed_scores, lengths, ks = _packed_inputs(x, scores, k, where)
-        check_scores_finite(packed_scores, where)
         kept, index = _select_topk_op(packed_x.contiguous(), packed_scores.contiguous(), lengths, ks)
         return list(kept.split(ks)), list(index.split(ks))
     _check_pair(x, scores, where)
@@ -231,7 +231,125 @@ def select_topk(x: Union[Tensor, Sequence[Tensor]], scores: Union[Tensor, Sequen
                         "a (B, N, D) batch keeps the same k in every image")
     B, N, D = x.shape
     k = resolve_k(k, N, where=where)
-    check_scores_finite(scores, where)
     kept, index = _select_topk_op(x.reshape(B * N, D).contiguous() if B * N else x.new_empty(0, D),
                                   scores.reshape(B * N).contiguous(), [N] * B, [k] * B)
     return kept.reshape(B, k, D), index.reshape(B, k)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fused scoring and selection
+# ----------------------------------------------------------------------------------------------------
+
+_backends.register_op("score_select", ("reference", "cpp", "cuda"))
+
+
+def score_tokens_ref(x: Tensor, hidden: Tensor, col_sum: Tensor, bias: Tensor, w2: Tensor, b2: float,
+                     eps: float) -> Tensor:
+    """The scores of the fused path in PyTorch (float32; float64 for float64 x): the Scorer
+    LayerNorm -> Linear -> GELU -> Linear with the LayerNorm folded into the first layer, from
+    hidden = x @ W'^T (csrc/select.h)."""
+    opmath = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(opmath)
+    var, mean = torch.var_mean(xf, dim=-1, correction=0, keepdim=True)
+    pre = (hidden.to(opmath) - mean * col_sum.to(opmath)) * torch.rsqrt(var + eps) + bias.to(opmath)
+    return (torch.nn.functional.gelu(pre) @ w2.to(opmath) + b2).to(torch.float32)
+
+
+def _score_select_reference(x, hidden, col_sum, bias, w2, b2, eps, lengths, ks):
+    scores = score_tokens_ref(x, hidden, col_sum, bias, w2, b2, eps)
+    kept, index = _packed_reference(x, scores, lengths, ks)
+    return kept, index, scores
+
+
+def _score_select_compiled(x, hidden, col_sum, bias, w2, b2, eps, lengths, ks):
+    _ext.extension()
+    return torch.ops.autoselect_C.score_select(x, hidden, col_sum, bias, w2, b2, eps, list(lengths), list(ks))
+
+
+_SCORE_SELECT = {"reference": _score_select_reference, "cpp": _score_select_compiled,
+                 "cuda": _score_select_compiled}
+
+
+@torch.library.custom_op("autoselect::score_select", mutates_args=())
+def _score_select_op(x: Tensor, hidden: Tensor, col_sum: Tensor, bias: Tensor, w2: Tensor, b2: float, eps: float,
+                     lengths: List[int], ks: List[int]) -> tuple[Tensor, Tensor, Tensor]:
+    backend = _backends.choose("score_select", x.device)
+    kept, index, scores = _SCORE_SELECT[backend](x, hidden, col_sum, bias, w2, b2, eps, lengths, ks)
+    check_scores_finite(scores, "score_select")  # a NaN or inf token gives a non-finite score
+    return kept, index, scores
+
+
+@_score_select_op.register_fake
+def _(x, hidden, col_sum, bias, w2, b2, eps, lengths, ks):
+    total = sum(ks)
+    return (x.new_empty(total, x.shape[-1]), torch.empty(total, dtype=torch.int64, device=x.device),
+            x.new_empty(x.shape[0], dtype=torch.float32))
+
+
+def _first_layer(x: Tensor, weight: Tensor) -> Tensor:
+    """hidden = x @ W'^T with a float32 result for fp16/bf16 tokens: the folded LayerNorm subtracts
+    mean * c from it afterwards, and rounding the raw product to 8 bits of mantissa first would
+    lose the centred signal when the tokens' mean is large. On a GPU the GEMM writes float32
+    directly (torch.mm out_dtype); on the CPU the tokens are upcast."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        if x.is_cuda:
+            try:
+                return torch.mm(x, weight.t(), out_dtype=torch.float32)
+            except (RuntimeError, TypeError):  # a torch without mm(out_dtype=) for this device
+                pass
+        return torch.nn.functional.linear(x.float(), weight.float())
+    return torch.nn.functional.linear(x, weight)
+
+
+def score_select(x: Union[Tensor, Sequence[Tensor]], scorer, k: Union[KeepSpec, Sequence[KeepSpec]], *,
+                 return_scores: bool = False):
+    """Score every token with `scorer` and keep the top-k, fused: one GEMM (the first layer, with
+    the LayerNorm folded in) and one kernel launch for the rest (LayerNorm statistics, GELU, the
+    H -> 1 projection, top-K, sort and gather). Inference only: nothing here is differentiable.
+
+    Args:
+        x: visual tokens (B, N, D) or a ragged list of (N_i, D); fp32/fp16/bf16/fp64.
+        scorer: an `autoselect.Scorer` (anything with `fused_parameters(dtype, device)`), on x's device.
+        k: as in `select_topk`: an int in [1, N], a float in (0, 1], or per image for a list.
+        return_scores: also return the scores (float32, (B, N) or a list of (N_i,)).
+
+    Returns:
+        (kept, index), or (kept, index, scores) with return_scores; shapes as in `select_topk`.
+        The selection is exactly `select_topk(x, scores, k)` for the returned scores, which equal
+        `scorer(x)` up to float rounding. Non-finite scores raise a ValueError.
+    """
+    where = "score_select"
+    ragged = isinstance(x, (list, tuple))
+    if ragged:
+        placeholders = [t.new_empty(t.shape[0]) if isinstance(t, Tensor) and t.dim() >= 1 else t for t in x]
+        packed_x, _, lengths, ks = _packed_inputs(x, placeholders, k, where)
+    else:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{where}: x must be a tensor or a list of tensors, got {type(x).__name__}")
+        if x.dim() != 3:
+            raise ValueError(f"{where}: x must have shape (B, N, D) (or be a list of (N_i, D) tensors), got "
+                             f"{tuple(x.shape)}")
+        if x.dtype not in _X_DTYPES:
+            raise TypeError(f"{where}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
+        if isinstance(k, (list, tuple)):
+            raise TypeError(f"{where}: a per-image list of k needs a ragged batch (a list of (N_i, D) tensors)")
+        B, N, D = x.shape
+        k_int = resolve_k(k, N, where=where)
+        lengths, ks = [N] * B, [k_int] * B
+        packed_x = x.reshape(B * N, D)
+    if not hasattr(scorer, "fused_parameters"):
+        raise TypeError(f"{where}: scorer must be an autoselect.Scorer (with fused_parameters), got "
+                        f"{type(scorer).__name__}")
+    weight, col_sum, bias, w2, b2, eps = scorer.fused_parameters(packed_x.dtype, packed_x.device)
+    if weight.shape[1] != packed_x.shape[1]:
+        raise ValueError(f"{where}: the scorer expects tokens of width {weight.shape[1]}, x has {packed_x.shape[1]}")
+    packed_x = packed_x.contiguous()
+    with torch.no_grad():
+        hidden = _first_layer(packed_x, weight)  # the one GEMM
+        kept, index, scores = _score_select_op(packed_x, hidden.contiguous(), col_sum, bias, w2, b2, eps,
+                                               lengths, ks)
+    if ragged:
+        out = (list(kept.split(ks)), list(index.split(ks)))
+        return out + (list(scores.split(lengths)), ) if return_scores else out
+    out = (kept.reshape(B, k_int, D), index.reshape(B, k_int))
+    return out + (scores.reshape(B, N), ) if return_scores else out

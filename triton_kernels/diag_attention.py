@@ -1,0 +1,300 @@
+"""Diagonal attention of the Denoiser in Triton (DESIGN.md 1.4), forward and backward.
+
+For token t and head h, with s = 1 / sqrt(d):
+
+    logits = [q_t . k_t * s + bias_t] ++ [q_t . mem_k_j * s for j < M]
+    out_t  = softmax(logits) . [v_t ; mem_v_0 .. mem_v_(M-1)]
+
+Each token attends to itself and to the M memory slots of its head, nothing else, so the (T, H, 1+M)
+logits are never written to device memory: the forward runs one program per (BLOCK_T tokens, head)
+with an online softmax that starts from the self term and walks the memory in blocks of BLOCK_M
+slots; it stores the output and the log-sum-exp `lse` (T, H). The backward recomputes the
+probabilities from lse:
+
+    delta_t = dout_t . out_t,   ds_tj = p_tj (dout_t . V_j - delta_t)       (V_0 = v_t, V_j = mem_v_(j-1))
+    dq = s (ds_t0 k_t + sum_j ds_tj mem_k_j),  dk = s ds_t0 q_t,  dv = p_t0 dout_t,  dbias = ds_t0
+    dmem_k_j = s sum_t ds_tj q_t,  dmem_v_j = sum_t p_tj dout_t            (sums over all B*N tokens)
+
+in two kernels: `_diag_attention_backward_kernel` (one program per token block and head: the token
+gradients and delta) and `_diag_attention_memory_backward_kernel` (one program per memory block,
+head and chunk of tokens: it walks its chunk accumulating the memory gradients in registers and
+writes one partial sum per chunk). The host sums the partials over chunks with torch: no atomics,
+so the memory gradients are deterministic (the chunking depends only on the shape and the device).
+
+Layout: q, k, v, out (T, H, d) contiguous with T = B*N; mem_k, mem_v (H, M, d) contiguous; bias and
+lse (T, H) in the op-math dtype (float32; float64 for float64 inputs). Head dims that are not a power
+of two are padded to BLOCK_D by masking. Under TRITON_INTERPRET=1, numpy has no bfloat16 matmul, so
+the operands of tl.dot are upcast to float32 there (DOT_UPCAST).
+"""
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _mma(a, b, DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """a @ b with float32 (float64 for float64 operands) accumulation."""
+    if DOT_UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def _diag_attention_forward_kernel(q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, out_ptr, lse_ptr,
+                                   n_tokens, H, M, d, scale, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+                                   BLOCK_D: tl.constexpr, DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    h = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < n_tokens
+    col_mask = cols < d
+    mask = row_mask[:, None] & col_mask[None, :]
+    row_head = rows * H + h
+    index = row_head[:, None] * d + cols[None, :]
+
+    bias = tl.load(bias_ptr + row_head, mask=row_mask, other=0.0)  # op-math dtype
+    q = tl.load(q_ptr + index, mask=mask, other=0.0)
+    k = tl.load(k_ptr + index, mask=mask, other=0.0)
+    v = tl.load(v_ptr + index, mask=mask, other=0.0)
+    # The self term opens the online softmax: running max = its logit, running sum = 1, acc = v.
+    m_i = tl.sum(q.to(bias.dtype) * k.to(bias.dtype), axis=1) * scale + bias
+    l_i = tl.zeros((BLOCK_T, ), dtype=bias.dtype) + 1.0
+    acc = v.to(bias.dtype)
+
+    mem_base = h.to(tl.int64) * M * d
+    for m0 in range(0, M, BLOCK_M):
+        slots = m0 + tl.arange(0, BLOCK_M)
+        slot_mask = slots < M
+        mem_mask = slot_mask[:, None] & col_mask[None, :]
+        mem_index = mem_base + slots[:, None] * d + cols[None, :]
+        mk = tl.load(mem_k_ptr + mem_index, mask=mem_mask, other=0.0)
+        mv = tl.load(mem_v_ptr + mem_index, mask=mem_mask, other=0.0)
+        s = _mma(q, tl.trans(mk), DOT_UPCAST, PRECISION).to(bias.dtype) * scale
+        s = tl.where(slot_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        p = tl.exp(s - m_new[:, None])
+        rescale = tl.exp(m_i - m_new)
+        l_i = l_i * rescale + tl.sum(p, axis=1)
+        acc = acc * rescale[:, None] + _mma(p.to(mv.dtype), mv, DOT_UPCAST, PRECISION).to(bias.dtype)
+        m_i = m_new
+
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + index, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(lse_ptr + row_head, m_i + tl.log(l_i), mask=row_mask)
+
+
+@triton.jit
+def _diag_attention_backward_kernel(grad_ptr, q_ptr, k_ptr, v_ptr, mem_k_ptr, mem_v_ptr, bias_ptr, out_ptr,
+                                    lse_ptr, grad_q_ptr, grad_k_ptr, grad_v_ptr, grad_bias_ptr, delta_ptr,
+                                    n_tokens, H, M, d, scale, BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr,
+                                    BLOCK_D: tl.constexpr, DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    h = tl.program_id(1)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.arange(0, BLOCK_D)
+    row_mask = rows < n_tokens
+    col_mask = cols < d
+    mask = row_mask[:, None] & col_mask[None, :]
+    row_head = rows * H + h
+    index = row_head[:, None] * d + cols[None, :]
+
+    bias = tl.load(bias_ptr + row_head, mask=row_mask, other=0.0)
+    lse = tl.load(lse_ptr + row_head, mask=row_mask, other=0.0)
+    q = tl.load(q_ptr + index, mask=mask, other=0.0)
+    k = tl.load(k_ptr + index, mask=mask, other=0.0)
+    v = tl.load(v_ptr + index, mask=mask, other=0.0)
+    do = tl.load(grad_ptr + index, mask=mask, other=0.0)
+    o = tl.load(out_ptr + index, mask=mask, other=0.0)
+    q_f, k_f, do_f = q.to(bias.dtype), k.to(bias.dtype), do.to(bias.dtype)
+
+    delta = tl.sum(do_f * o.to(bias.dtype), axis=1)
+    p_self = tl.exp(tl.sum(q_f * k_f, axis=1) * scale + bias - lse)
+    ds_self = p_self * (tl.sum(do_f * v.to(bias.dtype), axis=1) - delta)
+    dq = (ds_self * scale)[:, None] * k_f
+
+    mem_base = h.to(tl.int64) * M * d
+    for m0 in range(0, M, BLOCK_M):
+        slots = m0 + tl.arange(0, BLOCK_M)
+        slot_mask = slots < M
+        mem_mask = slot_mask[:, None] & col_mask[None, :]
+        mem_index = mem_base + slots[:, None] * d + cols[None, :]
+        mk = tl.load(mem_k_ptr + mem_index, mask=mem_mask, other=0.0)
+        mv = tl.load(mem_v_ptr + mem_index, mask=mem_mask, other=0.0)
+        s = _mma(q, tl.trans(mk), DOT_UPCAST, PRECISION).to(bias.dtype) * scale
+        p = tl.where(slot_mask[None, :], tl.exp(s - lse[:, None]), 0.0)
+        dp = _mma(do, tl.trans(mv), DOT_UPCAST, PRECISION).to(bias.dtype)
+        ds = p * (dp - delta[:, None])
+        dq += _mma(ds.to(mk.dtype), mk, DOT_UPCAST, PRECISION).to(bias.dtype) * scale
+
+    tl.store(grad_q_ptr + index, dq.to(grad_q_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_k_ptr + index, ((ds_self * scale)[:, None] * q_f).to(grad_k_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_v_ptr + index, (p_self[:, None] * do_f).to(grad_v_ptr.dtype.element_ty), mask=mask)
+    tl.store(grad_bias_ptr + row_head, ds_self, mask=row_mask)
+    tl.store(delta_ptr + row_head, delta, mask=row_mask)
+
+
+@triton.jit
+def _diag_attention_memory_backward_kernel(grad_ptr, q_ptr, mem_k_ptr, mem_v_ptr, lse_ptr, delta_ptr,
+                                           part_k_ptr, part_v_ptr, n_tokens, tokens_per_chunk, H, M, d, scale,
+                                           BLOCK_T: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+                                           DOT_UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    h = tl.program_id(1)
+    chunk = tl.program_id(2)
+    slots = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_D)
+    slot_mask = slots < M
+    col_mask = cols < d
+    mem_mask = slot_mask[:, None] & col_mask[None, :]
+    mem_index = h.to(tl.int64) * M * d + slots[:, None] * d + cols[None, :]
+    mk = tl.load(mem_k_ptr + mem_index, mask=mem_mask, other=0.0)
+    mv = tl.load(mem_v_ptr + mem_index, mask=mem_mask, other=0.0)
+    lse_dtype = lse_ptr.dtype.element_ty
+    grad_mk = tl.zeros((BLOCK_M, BLOCK_D), dtype=lse_dtype)
+    grad_mv = tl.zeros((BLOCK_M, BLOCK_D), dtype=lse_dtype)
+
+    start = chunk.to(tl.int64) * tokens_per_chunk
+    end = tl.minimum(start + tokens_per_chunk, n_tokens)
+    for t0 in range(start, end, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        row_mask = rows < end
+        mask = row_mask[:, None] & col_mask[None, :]
+        row_head = rows * H + h
+        index = row_head[:, None] * d + cols[None, :]
+        q = tl.load(q_ptr + index, mask=mask, other=0.0)
+        do = tl.load(grad_ptr + index, mask=mask, other=0.0)
+        lse = tl.load(lse_ptr + row_head, mask=row_mask, other=0.0)
+        delta = tl.load(delta_ptr + row_head, mask=row_mask, other=0.0)
+        s = _mma(q, tl.trans(mk), DOT_UPCAST, PRECISION).to(lse_dtype) * scale
+        p = tl.where(row_mask[:, None] & slot_mask[None, :], tl.exp(s - lse[:, None]), 0.0)
+        dp = _mma(do, tl.trans(mv), DOT_UPCAST, PRECISION).to(lse_dtype)
+        ds = p * (dp - delta[:, None])
+        grad_mv += _mma(tl.trans(p.to(do.dtype)), do, DOT_UPCAST, PRECISION).to(lse_dtype)
+        grad_mk += _mma(tl.trans(ds.to(q.dtype)), q, DOT_UPCAST, PRECISION).to(lse_dtype)
+
+    part_index = chunk.to(tl.int64) * H * M * d + mem_index
+    tl.store(part_k_ptr + part_index, grad_mk * scale, mask=mem_mask)
+    tl.store(part_v_ptr + part_index, grad_mv, mask=mem_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Host functions
+# ----------------------------------------------------------------------------------------------------
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 operands: three tf32 products (about fp32 accuracy on tensor cores); fp64: exact FMAs.
+    # For fp16 / bf16 operands the setting has no effect.
+    return {torch.float32: "tf32x3", torch.float64: "ieee"}.get(dtype, "tf32")
+
+
+def _dot_upcast(t: torch.Tensor) -> bool:
+    # The interpreter multiplies with numpy, which has no bfloat16 (it stores bf16 as uint16).
+    return t.device.type == "cpu" and t.dtype == torch.bfloat16
+
+
+def _device_of(t: torch.Tensor):
+    # Triton launches on the current CUDA device: make it the tensors' one.
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _config(d: int, M: int):
+    """(BLOCK_T, BLOCK_M, BLOCK_D, num_warps): tl.dot needs every block dimension >= 16."""
+    block_d = max(16, triton.next_power_of_2(d))
+    block_m = min(64, max(16, triton.next_power_of_2(M)))
+    block_t = 64 if block_d <= 64 else 32
+    return block_t, block_m, block_d, 4 if block_d <= 64 else 8
+
+
+def _memory_chunks(n_tokens: int, H: int, M: int, block_t: int, block_m: int, device: torch.device) -> int:
+    """Token chunks of the memory backward: enough programs to fill the GPU, and few partial sums.
+    On the CPU (the interpreter) three chunks at most, so the partial-sum path is exercised."""
+    token_blocks = triton.cdiv(n_tokens, block_t)
+    if device.type == "cuda":
+        target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = triton.cdiv(target, H * triton.cdiv(M, block_m))
+    else:
+        wanted = 3
+    return max(1, min(token_blocks, wanted))
+
+
+def diag_attention_forward(q, k, v, mem_k, mem_v, bias):
+    """(out, lse) for contiguous q, k, v (T, H, d) or (B, N, H, d), mem_k, mem_v (H, M, d) in the dtype
+    of q, and bias (..., H) in the op-math dtype (float32, or float64 for float64 q)."""
+    H, d = q.shape[-2], q.shape[-1]
+    M = mem_k.shape[1]
+    n_tokens = q.numel() // (H * d) if H * d else 0
+    out = q.new_empty(q.shape)
+    lse = bias.new_empty(bias.shape)
+    if n_tokens == 0 or out.numel() == 0:
+        return out, lse
+    block_t, block_m, block_d, num_warps = _config(d, M)
+    grid = (triton.cdiv(n_tokens, block_t), H)
+    with _device_of(q):
+        _diag_attention_forward_kernel[grid](
+            q, k, v, mem_k, mem_v, bias, out, lse, n_tokens, H, M, d, 1.0 / math.sqrt(d), BLOCK_T=block_t,
+            BLOCK_M=block_m, BLOCK_D=block_d, DOT_UPCAST=_dot_upcast(q), PRECISION=_precision(q.dtype),
+            num_warps=num_warps)
+    return out, lse
+
+
+def diag_attention_backward(grad, q, k, v, mem_k, mem_v, bias, out, lse):
+    """(grad_q, grad_k, grad_v, grad_mem_k, grad_mem_v, grad_bias) for a contiguous upstream gradient
+    `grad` of out; the memory gradients are summed over every token (deterministically)."""
+    H, d = q.shape[-2], q.shape[-1]
+    M = mem_k.shape[1]
+    n_tokens = q.numel() // (H * d) if H * d else 0
+    grad_q, grad_k, grad_v = q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
+    grad_bias = bias.new_empty(bias.shape)
+    if n_tokens == 0 or q.numel() == 0:
+        grad_bias.zero_()
+        return grad_q, grad_k, grad_v, torch.zeros_like(mem_k), torch.zeros_like(mem_v), grad_bias
+    block_t, block_m, block_d, num_warps = _config(d, M)
+    meta = dict(BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_D=block_d, DOT_UPCAST=_dot_upcast(q),
+                PRECISION=_precision(q.dtype), num_warps=num_warps)
+    scale = 1.0 / math.sqrt(d)
+    delta = torch.empty_like(lse)
+    chunks = _memory_chunks(n_tokens, H, M, block_t, block_m, q.device)
+    tokens_per_chunk = triton.cdiv(triton.cdiv(n_tokens, chunks), block_t) * block_t
+    chunks = triton.cdiv(n_tokens, tokens_per_chunk)
+    part_k = lse.new_empty((chunks, H, M, d))
+    part_v = lse.new_empty((chunks, H, M, d))
+    with _device_of(q):
+        _diag_attention_backward_kernel[(triton.cdiv(n_tokens, block_t), H)](
+            grad, q, k, v, mem_k, mem_v, bias, out, lse, grad_q, grad_k, grad_v, grad_bias, delta, n_tokens, H,
+            M, d, scale, **meta)
+        _diag_attention_memory_backward_kernel[(triton.cdiv(M, block_m), H, chunks)](
+            grad, q, mem_k, mem_v, lse, delta, part_k, part_v, n_tokens, tokens_per_chunk, H, M, d, scale,
+            **meta)
+    grad_mem_k = part_k.sum(0).to(mem_k.dtype)
+    grad_mem_v = part_v.sum(0).to(mem_v.dtype)
+    return grad_q, grad_k, grad_v, grad_mem_k, grad_mem_v, grad_bias
+
+
+def aot_specs():
+    """(kernel, signature, constexprs) triples covering the kernels' launch variants, for the
+    ahead-of-time compilation check (triton_kernels/aot.py) on machines without a GPU: the three
+    kernels in fp32, fp16 and bf16 at head dim 64, and in bf16 at head dims 32 and 128 (M = 64)."""
+    variants = [(ptr, 64) for ptr in ("fp32", "fp16", "bf16")] + [("bf16", 32), ("bf16", 128)]
+    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    specs = []
+    for ptr, d in variants:
+        block_t, block_m, block_d, _ = _config(d, 64)
+        constexprs = {"BLOCK_T": block_t, "BLOCK_M": block_m, "BLOCK_D": block_d, "DOT_UPCAST": False,
+                      "PRECISION": _precision(dtypes[ptr])}
+        sizes = {"n_tokens": "i32", "H": "i32", "M": "i32", "d": "i32", "scale": "fp32"}
+        tail = {**sizes, **{name: "constexpr" for name in constexprs}}
+        fwd_sig = {"q_ptr": f"*{ptr}", "k_ptr": f"*{ptr}", "v_ptr": f"*{ptr}", "mem_k_ptr": f"*{ptr}",
+                   "mem_v_ptr": f"*{ptr}", "bias_ptr": "*fp32", "out_ptr": f"*{ptr}", "lse_ptr": "*fp32", **tail}
+        specs.append((_diag_attention_forward_kernel, fwd_sig, constexprs))
+        bwd_sig = {"grad_ptr": f"*{ptr}", "q_ptr": f"*{ptr}", "k_ptr": f"*{ptr}", "v_ptr": f"*{ptr}",
+                   "mem_k_ptr": f"*{ptr}", "mem_v_ptr": f"*{ptr}", "bias_ptr": "*fp32", "out_ptr": f"*{ptr}",
+                   "lse_ptr": "*fp32", "grad_q_ptr": f"*{ptr}", "grad_k_ptr": f"*{ptr}", "grad_v_ptr": f"*{ptr}",
+                   "grad_bias_ptr": "*fp32", "delta_ptr": "*fp32", **tail}
+        specs.append((_diag_attention_backward_kernel, bwd_sig, constexprs))
+        mem_sig = {"grad_ptr": f"*{ptr}", "q_ptr": f"*{ptr}", "mem_k_ptr": f"*{ptr}", "mem_v_ptr": f"*{ptr}",
+                   "lse_ptr": "*fp32", "delta_ptr": "*fp32", "part_k_ptr": "*fp32", "part_v_ptr": "*fp32",
+                   "n_tokens": "i32", "tokens_per_chunk": "i32", **{k: v for k, v in tail.items() if k != "n_tokens"}}
+        specs.append((_diag_attention_memory_backward_kernel, mem_sig, constexprs))
+    return specs
