@@ -1,7 +1,8 @@
-"""Command line: `autoselect info | bench` (also `python -m autoselect ...`).
+"""Command line: `autoselect info | bench | train` (also `python -m autoselect ...`).
 
   info   versions, what is built, which backend each op uses on each device and why others are missing
   bench  benchmarks of the ops that exist, as a table; rows appended to CSV files with --results
+  train  train an AutoSelector on a frozen VLM (autoselect.training.trainer)
 """
 
 import argparse
@@ -164,6 +165,15 @@ def cmd_bench(args):
     return 0
 
 
+def cmd_train(args):
+    from .training.trainer import train
+
+    summary = train(args)
+    print(f"trained {summary['steps']} steps: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; "
+          f"selector in {os.path.join(args.out, 'selector')}")
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="autoselect", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -178,6 +188,11 @@ def build_parser():
     bench.add_argument("--repeats", type=int, default=20, help="timed repeats per case on the CPU")
     bench.add_argument("--results", help="folder whose <op>.csv files get the rows appended")
     bench.set_defaults(func=cmd_bench)
+    from .training.trainer import build_parser as train_parser
+
+    train = sub.add_parser("train", help="train an AutoSelector on a frozen VLM (its next-token loss only)")
+    train_parser(train)
+    train.set_defaults(func=cmd_train)
     return parser
 
 

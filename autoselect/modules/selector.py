@@ -70,6 +70,9 @@ class AutoSelector(nn.Module):
         self.dim = dim
         self.config = {"dim": dim, "scorer_hidden": scorer_hidden, "denoiser": denoiser, "keep": keep, "eps": eps}
         self.scorer = Scorer(dim, scorer_hidden, eps=eps)
+        # The last bias shifts every score of an image alike: neither soft_topk nor the hard top-K
+        # sees it, so its gradient is zero up to rounding, which Adam would turn into full-size steps.
+        self.scorer.fc2.bias.requires_grad_(False)
         self.denoiser = _build_denoiser(dim, denoiser)
         self.register_buffer("token_mean", torch.zeros(dim))
         self.register_buffer("token_std", torch.ones(dim))
