@@ -4,8 +4,8 @@ Each op has one module with a `setup(...)` that builds every provider (ours and 
 the same way, and a `run(...)` that measures them and returns result rows.
 """
 
-from . import diag_attention, noise_gate, select
+from . import diag_attention, noise_gate, prefill, select
 
-OPS = {"noise_gate": noise_gate, "diag_attention": diag_attention, "select": select}
+OPS = {"noise_gate": noise_gate, "diag_attention": diag_attention, "select": select, "prefill": prefill}
 
-__all__ = ["OPS", "diag_attention", "noise_gate", "select"]
+__all__ = ["OPS", "diag_attention", "noise_gate", "prefill", "select"]
