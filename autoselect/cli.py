@@ -1,8 +1,11 @@
-"""Command line: `autoselect info | bench | train` (also `python -m autoselect ...`).
+"""Command line: `autoselect info | bench | train | eval | show | demo` (also `python -m autoselect ...`).
 
   info   versions, what is built, which backend each op uses on each device and why others are missing
   bench  benchmarks of the ops that exist, as a table; rows appended to CSV files with --results
   train  train an AutoSelector on a frozen VLM (autoselect.training.trainer)
+  eval   accuracy of the full model, AutoSelect and the baselines at several budgets (autoselect.evaluation)
+  show   a PNG of the visual tokens each method keeps (autoselect.show)
+  demo   the shipped tiny VLM and selector: accuracy table, prefill speed-up, picture (autoselect.demo)
 """
 
 import argparse
@@ -174,6 +177,27 @@ def cmd_train(args):
     return 0
 
 
+def cmd_eval(args):
+    from .evaluation import run
+
+    run(args)
+    return 0
+
+
+def cmd_show(args):
+    from .show import run
+
+    run(args)
+    return 0
+
+
+def cmd_demo(args):
+    from .demo import run
+
+    run(args)
+    return 0
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="autoselect", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,6 +217,21 @@ def build_parser():
     train = sub.add_parser("train", help="train an AutoSelector on a frozen VLM (its next-token loss only)")
     train_parser(train)
     train.set_defaults(func=cmd_train)
+    from .evaluation import build_parser as eval_parser
+
+    evaluate = sub.add_parser("eval", help="accuracy of full, AutoSelect and the baselines at several budgets")
+    eval_parser(evaluate)
+    evaluate.set_defaults(func=cmd_eval)
+    from .show import build_parser as show_parser
+
+    picture = sub.add_parser("show", help="a PNG of the tokens each method keeps")
+    show_parser(picture)
+    picture.set_defaults(func=cmd_show)
+    from .demo import build_parser as demo_parser
+
+    demo = sub.add_parser("demo", help="the shipped tiny VLM and selector: accuracy table, prefill speed-up, picture")
+    demo_parser(demo)
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 

@@ -1,0 +1,135 @@
+"""`autoselect demo`: the shipped tiny VLM and the shipped selector, measured end to end.
+
+    autoselect demo [--vlm weights/tiny-vlm] [--selector weights/tiny-vlm-selector] [--out demo/]
+
+1. Writes the testbed's test split (seeded, the same images `python -m autoselect.testbed` writes)
+   unless it is there already.
+2. Evaluates the full model, AutoSelect and the training-free baselines at keep 192/128/64 of 576
+   (`autoselect eval`), prints the table, writes eval.json / eval.csv.
+3. Measures the prefill time of the tiny VLM at full and at keep 64 (AutoSelect, scoring
+   included), end to end (vision tower + selection + language model) and for the language model
+   alone (pre-encoded image features, as `generate` passes them).
+4. Draws a few test images with the kept tokens outlined (kept.png).
+Everything runs offline on the CPU in a few minutes.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_VLM = ROOT / "weights" / "tiny-vlm"
+DEFAULT_SELECTOR = ROOT / "weights" / "tiny-vlm-selector"
+
+
+def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
+@torch.no_grad()
+def prefill_times(model, processor, selector, records, image_root: str, keep: int = 64, batch: int = 8) -> dict:
+    """Median prefill milliseconds, full vs AutoSelect at `keep`: end to end and language model only."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    from .integrations import apply, revert
+    from .training.data import ConversationCollator
+    from .training.trainer import visual_tokens
+
+    collator = ConversationCollator(processor, image_root)
+    inputs = collator([dict(r, conversations=r["conversations"][:2]) for r in records[:batch]], answers=False)
+    inputs.pop("labels")
+    features = visual_tokens(model, inputs["pixel_values"])
+    text_only = {k: v for k, v in inputs.items() if k != "pixel_values"}
+
+    def end_to_end():
+        model(**inputs, logits_to_keep=1)
+
+    def language_model():
+        model(**text_only, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(features))},
+              logits_to_keep=1)
+
+    times = {"full_end_to_end_ms": _median_time(end_to_end), "full_language_model_ms": _median_time(language_model)}
+    apply(model, selector, method="autoselect", keep=keep)
+    try:
+        times["keep_end_to_end_ms"] = _median_time(end_to_end)
+        times["keep_language_model_ms"] = _median_time(language_model)
+    finally:
+        revert(model)
+    times.update(keep=keep, batch=batch, tokens_per_image=int(features.shape[1]),
+                 speedup_end_to_end=times["full_end_to_end_ms"] / times["keep_end_to_end_ms"],
+                 speedup_language_model=times["full_language_model_ms"] / times["keep_language_model_ms"])
+    return times
+
+
+def build_parser(parser: Optional[argparse.ArgumentParser] = None):
+    parser = parser or argparse.ArgumentParser(prog="autoselect demo", description=__doc__,
+                                               formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--vlm", default=str(DEFAULT_VLM), help="the frozen tiny VLM (weights/tiny-vlm)")
+    parser.add_argument("--selector", default=str(DEFAULT_SELECTOR), help="the trained AutoSelector")
+    parser.add_argument("--data", default=str(ROOT / "data" / "testbed-demo"), help="where the test split is written")
+    parser.add_argument("--test", type=int, default=500, help="test images (one question each)")
+    parser.add_argument("--keep", default="192,128,64")
+    parser.add_argument("--methods", default="full,autoselect,random,norm,fastv,visionzip,divprune")
+    parser.add_argument("--out", default=str(ROOT / "demo"), help="folder for eval.json, eval.csv, prefill.json, kept.png")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+    return parser
+
+
+def run(args) -> dict:
+    from .evaluation import evaluate, format_table, write_results
+    from .modules.selector import AutoSelector
+    from .show import show
+    from .testbed import data as testbed
+    from .training.data import load_records
+    from .training.trainer import load_vlm
+
+    for path, command in ((args.vlm, "python -m autoselect.testbed.train_vlm ... (see weights/tiny-vlm/README.md)"),
+                          (args.selector, "autoselect train ... (see weights/tiny-vlm-selector/README.md)")):
+        if not (Path(path) / "config.json").is_file():
+            raise FileNotFoundError(f"autoselect demo: {path} holds no model; it is made by {command}")
+    torch.manual_seed(0)
+    test_json = Path(args.data) / "test.json"
+    if not test_json.is_file():
+        print(f"writing the testbed test split ({args.test} images) to {args.data} ...", flush=True)
+        testbed.write_split(args.data, "test", args.test, seed=0, questions_per_image=1, progress=args.progress)
+    records = load_records(str(test_json))
+    model, processor = load_vlm(args.vlm)
+    selector = AutoSelector.from_pretrained(args.selector)
+    keeps = [int(k) for k in args.keep.split(",")]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    started = time.time()
+    rows = evaluate(model, processor, records, args.data, methods=methods, keeps=keeps, selector=selector,
+                    progress=args.progress)
+    print("\n".join(format_table(rows)))
+    os.makedirs(args.out, exist_ok=True)
+    write_results(rows, args.out, {"vlm": str(args.vlm), "selector": str(args.selector), "test_images": len(records),
+                                   "seconds": round(time.time() - started, 1)})
+    times = prefill_times(model, processor, selector, records, args.data, keep=min(keeps))
+    with open(os.path.join(args.out, "prefill.json"), "w") as handle:
+        json.dump(times, handle, indent=1)
+    print(f"prefill, batch {times['batch']}, keep {times['keep']} of {times['tokens_per_image']} tokens (AutoSelect, "
+          f"scoring included): language model {times['full_language_model_ms']:.1f} -> "
+          f"{times['keep_language_model_ms']:.1f} ms ({times['speedup_language_model']:.2f}x); end to end with the "
+          f"vision tower {times['full_end_to_end_ms']:.1f} -> {times['keep_end_to_end_ms']:.1f} ms "
+          f"({times['speedup_end_to_end']:.2f}x)")
+    from PIL import Image
+
+    pictures = [Image.open(os.path.join(args.data, r["image"])).convert("RGB") for r in records[:4]]
+    shown = [m for m in ("autoselect", "norm", "fastv", "random") if m in methods]
+    sheet = show(model, processor, pictures, methods=shown, keep=min(keeps), selector=selector)
+    sheet.save(os.path.join(args.out, "kept.png"))
+    print(f"wrote {args.out}/eval.json, eval.csv, prefill.json and kept.png")
+    return {"rows": rows, "prefill": times}
