@@ -168,34 +168,20 @@ def cmd_bench(args):
     return 0
 
 
-def cmd_train(args):
-    from .training.trainer import train
-
-    summary = train(args)
-    print(f"trained {summary['steps']} steps: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; "
-          f"selector in {os.path.join(args.out, 'selector')}")
-    return 0
-
-
-def cmd_eval(args):
-    from .evaluation import run
-
-    run(args)
-    return 0
+# Workflow commands: (name, module under autoselect, help); each module has build_parser(parser) and run(args).
+WORKFLOWS = (
+    ("train", "training.trainer", "train an AutoSelector on a frozen VLM (its next-token loss only)"),
+    ("eval", "evaluation", "accuracy of full, AutoSelect and the baselines at several budgets"),
+    ("show", "show", "a PNG of the tokens each method keeps"),
+    ("demo", "demo", "the shipped tiny VLM and selector: accuracy table, prefill speed-up, picture"),
+)
 
 
-def cmd_show(args):
-    from .show import run
-
-    run(args)
-    return 0
-
-
-def cmd_demo(args):
-    from .demo import run
-
-    run(args)
-    return 0
+def _workflow(module_name):
+    def command(args):
+        importlib.import_module(f"{__package__}.{module_name}").run(args)
+        return 0
+    return command
 
 
 def build_parser():
@@ -212,26 +198,10 @@ def build_parser():
     bench.add_argument("--repeats", type=int, default=20, help="timed repeats per case on the CPU")
     bench.add_argument("--results", help="folder whose <op>.csv files get the rows appended")
     bench.set_defaults(func=cmd_bench)
-    from .training.trainer import build_parser as train_parser
-
-    train = sub.add_parser("train", help="train an AutoSelector on a frozen VLM (its next-token loss only)")
-    train_parser(train)
-    train.set_defaults(func=cmd_train)
-    from .evaluation import build_parser as eval_parser
-
-    evaluate = sub.add_parser("eval", help="accuracy of full, AutoSelect and the baselines at several budgets")
-    eval_parser(evaluate)
-    evaluate.set_defaults(func=cmd_eval)
-    from .show import build_parser as show_parser
-
-    picture = sub.add_parser("show", help="a PNG of the tokens each method keeps")
-    show_parser(picture)
-    picture.set_defaults(func=cmd_show)
-    from .demo import build_parser as demo_parser
-
-    demo = sub.add_parser("demo", help="the shipped tiny VLM and selector: accuracy table, prefill speed-up, picture")
-    demo_parser(demo)
-    demo.set_defaults(func=cmd_demo)
+    for name, module_name, help_text in WORKFLOWS:
+        command = sub.add_parser(name, help=help_text)
+        importlib.import_module(f"{__package__}.{module_name}").build_parser(command)
+        command.set_defaults(func=_workflow(module_name))
     return parser
 
 

@@ -16,7 +16,6 @@ Everything runs offline on the CPU in a few minutes.
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Optional
@@ -28,15 +27,10 @@ DEFAULT_VLM = ROOT / "weights" / "tiny-vlm"
 DEFAULT_SELECTOR = ROOT / "weights" / "tiny-vlm-selector"
 
 
-def _median_time(fn, repeats: int = 5, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
+def _median_time(fn, repeats: int = 5) -> float:
+    from .bench._timing import measure
+
+    return measure(fn, torch.device("cpu"), repeats=repeats, warmup=2)[0]
 
 
 @torch.no_grad()

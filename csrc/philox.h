@@ -13,11 +13,7 @@
 #include <cstdint>
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define AUTOSELECT_HD __host__ __device__ __forceinline__
-#else
-#define AUTOSELECT_HD inline
-#endif
+#include "device_macros.h"
 
 namespace autoselect {
 

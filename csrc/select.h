@@ -25,11 +25,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__CUDACC__)
-#define AUTOSELECT_HD __host__ __device__ __forceinline__
-#else
-#define AUTOSELECT_HD inline
-#endif
+#include "device_macros.h"
 
 namespace autoselect {
 

@@ -32,3 +32,18 @@ def poison():
         block = torch.full((1 << 22, ), float("nan"), device=device)
         del block
     return run
+
+
+TINY_TESTBED_SIZES = dict(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1, text_heads=2)
+
+
+def save_tiny_testbed_vlm(folder, seed: int = 0):
+    """Write a tiny testbed VLM (LLaVA, 576 visual tokens, width 32) and its processor to `folder`, as
+    `save_pretrained` does for a real checkpoint; returns the folder."""
+    from autoselect.testbed import vlm
+
+    processor = vlm.build_processor()
+    model = vlm.build_model(seed=seed, tokenizer=processor.tokenizer, **TINY_TESTBED_SIZES)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -8,16 +8,12 @@ import pytest
 pytest.importorskip("transformers", reason="needs transformers (in the [test] extra)")
 
 from autoselect import AutoSelector, cli  # noqa: E402
-from autoselect.testbed import vlm  # noqa: E402
 
-SMALL = dict(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1, text_heads=2)
+from conftest import save_tiny_testbed_vlm  # noqa: E402
 
 
 def test_demo_runs_and_writes_its_outputs(tmp_path, capsys):
-    processor = vlm.build_processor()
-    model = vlm.build_model(seed=0, tokenizer=processor.tokenizer, **SMALL)
-    model.save_pretrained(tmp_path / "vlm")
-    processor.save_pretrained(tmp_path / "vlm")
+    save_tiny_testbed_vlm(tmp_path / "vlm")
     selector = AutoSelector(32, scorer_hidden=8, denoiser=None)
     selector.save_pretrained(tmp_path / "selector")
     assert cli.main(["demo", "--vlm", str(tmp_path / "vlm"), "--selector", str(tmp_path / "selector"), "--data",

@@ -11,7 +11,7 @@ pytest.importorskip("transformers", reason="the evaluator needs transformers (in
 from autoselect import evaluation  # noqa: E402
 from autoselect.testbed import data, vlm  # noqa: E402
 
-SMALL = dict(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1, text_heads=2)
+from conftest import save_tiny_testbed_vlm  # noqa: E402
 
 
 def record(answer, kind):
@@ -40,10 +40,7 @@ def test_normalise():
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
     data.write_split(str(root / "data"), "test", 6, seed=0, questions_per_image=1, progress=False)
-    processor = vlm.build_processor()
-    model = vlm.build_model(seed=1, tokenizer=processor.tokenizer, **SMALL)
-    model.save_pretrained(root / "vlm")
-    processor.save_pretrained(root / "vlm")
+    save_tiny_testbed_vlm(root / "vlm", seed=1)
     return root
 
 

@@ -12,21 +12,18 @@ import torch
 pytest.importorskip("transformers", reason="the trainer needs transformers (in the [test] extra)")
 
 from autoselect import AutoSelector  # noqa: E402
-from autoselect.testbed import data, vlm  # noqa: E402
+from autoselect.testbed import data  # noqa: E402
 from autoselect.training import ConversationCollator, IGNORE_INDEX, load_records  # noqa: E402
 from autoselect.training.trainer import build_parser, train  # noqa: E402
 
-SMALL = dict(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1, text_heads=2)
+from conftest import save_tiny_testbed_vlm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("training")
     data.write_split(str(root / "data"), "train", 16, seed=0, questions_per_image=1, progress=False)
-    processor = vlm.build_processor()
-    model = vlm.build_model(seed=0, tokenizer=processor.tokenizer, **SMALL)
-    model.save_pretrained(root / "vlm")
-    processor.save_pretrained(root / "vlm")
+    save_tiny_testbed_vlm(root / "vlm", seed=0)
     return root
 
 

@@ -332,9 +332,14 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None):
     return parser
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run(args) -> dict:
+    """`autoselect train` with parsed arguments: trains, prints a one-line summary, returns it."""
     summary = train(args)
     print(f"trained {summary['steps']} steps: loss {summary['first_loss']:.4f} -> {summary['last_loss']:.4f}; "
           f"selector in {Path(args.out) / 'selector'}")
+    return summary
+
+
+def main(argv=None) -> int:
+    run(build_parser().parse_args(argv))
     return 0
