@@ -53,7 +53,7 @@ def test_llava_format_and_images(written):
     for record in records:
         assert set(record) == {"id", "image", "type", "conversations"}
         human, gpt = record["conversations"]
-        assert human["from"] == "human" and human["value"].startswith("<image>\n")
+        assert human["from"] == "human" and human["value"].endswith("\n<image>")
         assert gpt["from"] == "gpt" and len(gpt["value"].split()) == 1
         assert record["type"] in data.QUESTION_TYPES
     image = PIL.open(out / records[0]["image"])
@@ -66,7 +66,7 @@ def test_answers_right_by_construction(written):
     for split in ("train", "val", "test"):
         scenes = json.loads((out / f"{split}_scenes.json").read_text())
         for record in json.loads((out / f"{split}.json").read_text()):
-            question = record["conversations"][0]["value"].split("\n", 1)[1]
+            question = record["conversations"][0]["value"].rsplit("\n", 1)[0]
             assert recount(scenes[record["image"]], question) == record["conversations"][1]["value"], record
 
 

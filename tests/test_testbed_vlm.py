@@ -22,7 +22,7 @@ def test_tokenizer_is_word_level_over_the_vocabulary(processor):
     tokenizer = processor.tokenizer
     text = vlm.prompt("How many crosses are there?", "2")
     tokens = tokenizer.tokenize(text)
-    assert tokens == ["user", ":", "<image>", "how", "many", "crosses", "are", "there", "?", "assistant", ":", "2",
+    assert tokens == ["user", ":", "how", "many", "crosses", "are", "there", "?", "<image>", "assistant", ":", "2",
                       "</s>"]
     assert tokenizer.unk_token_id not in tokenizer(text)["input_ids"]
     for word in data.vocabulary():
@@ -84,3 +84,60 @@ def test_train_vlm_smoke(tmp_path):
     processor = transformers.AutoProcessor.from_pretrained(out)
     assert model.config.image_seq_length == 576
     assert processor.tokenizer.convert_tokens_to_ids("<image>") == model.config.image_token_id
+
+
+def test_stage1_patch_targets_follow_the_scene():
+    """Stage 1 labels: each object's colour and shape on its patches, its centre patch marked once,
+    background 0 elsewhere, and every patch's own row and column (row-major 24 x 24)."""
+    from autoselect.testbed.train_vlm import patch_targets
+
+    scenes = [s for _, s, _ in data.generate("val", 8, seed=5)]
+    targets = patch_targets(scenes)
+    assert {name: tuple(t.shape) for name, t in targets.items()} == {name: (8, 576) for name in
+                                                                    ("color", "shape", "centre", "row", "col")}
+    colors, shapes = list(data.COLORS), list(data.SHAPES)
+    for b, scene in enumerate(scenes):
+        owner = torch.as_tensor(data.patch_labels(scene))
+        assert torch.equal(targets["color"][b] > 0, owner > 0) and torch.equal(targets["shape"][b] > 0, owner > 0)
+        for index, obj in enumerate(scene.objects):
+            mine = owner == index + 1
+            assert (targets["color"][b][mine] == colors.index(obj.color) + 1).all()
+            assert (targets["shape"][b][mine] == shapes.index(obj.shape) + 1).all()
+            assert targets["centre"][b][(obj.y // 14) * 24 + obj.x // 14] == 1
+        assert int(targets["centre"][b].sum()) == len(scene.objects)
+        assert targets["row"][b][24 * 7 + 3] == 7 and targets["col"][b][24 * 7 + 3] == 3
+
+
+def test_curriculum_shows_every_object_patch_and_a_fraction_of_the_background():
+    from autoselect.testbed.train_vlm import background_fraction, curriculum_tokens
+
+    assert background_fraction(1, 100, 0.05, 0.8, 0.3) == 0.05
+    assert background_fraction(30, 100, 0.05, 0.8, 0.3) == 0.05
+    assert abs(background_fraction(55, 100, 0.05, 0.8, 0.3) - 0.525) < 1e-9
+    assert background_fraction(80, 100, 0.05, 0.8, 0.3) == 1.0 == background_fraction(100, 100, 0.05, 0.8, 0.3)
+    generator = torch.Generator().manual_seed(0)
+    for _, scene, _ in data.generate("val", 6, seed=3):
+        owner = torch.as_tensor(data.patch_labels(scene))
+        shown = curriculum_tokens(scene, 0.1, generator)
+        assert torch.equal(shown, shown.sort().values) and len(set(shown.tolist())) == len(shown)
+        assert set((owner > 0).nonzero().flatten().tolist()) <= set(shown.tolist())
+        background = int((owner[shown] == 0).sum())
+        assert 0.02 * int((owner == 0).sum()) < background < 0.2 * int((owner == 0).sum())
+        assert torch.equal(curriculum_tokens(scene, 1.0, generator), torch.arange(576))
+
+
+def test_stage1_only_then_stage2_from_its_tower(tmp_path):
+    """--steps 0 saves the stage 1 model; --tower-from starts stage 2 from its tower, which stays frozen."""
+    data_dir = tmp_path / "data"
+    for split, count in (("train", 4), ("val", 2)):
+        data.write_split(str(data_dir), split, count, seed=0, questions_per_image=2, progress=False)
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    assert train_main(["--data", str(data_dir), "--out", str(stage1), "--vision-steps", "2", "--vision-batch-size", "2",
+                       "--steps", "0"]) == 0
+    assert train_main(["--data", str(data_dir), "--out", str(stage2), "--tower-from", str(stage1), "--vision-steps", "0",
+                       "--steps", "2", "--batch-size", "2", "--eval-every", "2", "--warmup", "1", "--seed", "1"]) == 0
+    first = transformers.LlavaForConditionalGeneration.from_pretrained(stage1).model.vision_tower.state_dict()
+    second = transformers.LlavaForConditionalGeneration.from_pretrained(stage2).model.vision_tower.state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    fresh = vlm.build_model(seed=1).model.vision_tower.state_dict()
+    assert not all(torch.equal(first[k], fresh[k]) for k in first)

@@ -18,7 +18,7 @@ Question types (one-word answers):
              (asked only when the object lies entirely in one half)
 
 Files: `write_split` writes PNG images, `<split>.json` in the LLaVA conversation format
-([{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}],
+([{"id", "image", "conversations": [{"from": "human", "value": "...\\n<image>"}, {"from": "gpt", ...}],
 "type"}]) and `<split>_scenes.json` with the scene descriptions the answers come from.
 """
 
@@ -313,7 +313,7 @@ def write_split(out_dir: str, split: str, count: int, seed: int = 0, questions_p
                 "id": f"{split}_{index:06d}_{q_index}",
                 "image": image_name,
                 "type": question.type,
-                "conversations": [{"from": "human", "value": f"<image>\n{question.text}"},
+                "conversations": [{"from": "human", "value": f"{question.text}\n<image>"},
                                   {"from": "gpt", "value": question.answer}],
             })
             per_type[question.type] += 1

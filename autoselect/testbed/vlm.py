@@ -4,8 +4,12 @@
 LLaVA-1.5 (336 x 336 images, 14-pixel patches, the class token dropped by the "default" feature
 strategy), the LLaVA two-layer projector, and a small Llama language model. The tokenizer is
 word-level over the testbed's vocabulary (tokenizers' WordLevel model), the image processor is
-transformers' `CLIPImageProcessorPil` (Pillow, no torchvision), and the prompt is LLaVA-1.5's:
-"USER: <image>\\n{question} ASSISTANT: {answer}</s>".
+transformers' `CLIPImageProcessorPil` (Pillow, no torchvision), and the prompt is LLaVA-1.5's template
+with the question before the image: "USER: {question}\\n<image> ASSISTANT: {answer}</s>". LLaVA-format
+data may put `<image>` anywhere in the first human turn; here it follows the question, so the visual
+tokens are read with the question already in context: a 3-layer language model then learns to find the
+asked object within the training budget of two CPU cores (with the image first, its validation accuracy
+stayed at 0.52 after 1,000 steps, colour questions at chance; see weights/tiny-vlm/README.md).
 """
 
 from typing import Optional
@@ -85,5 +89,5 @@ def build_model(seed: int = 0, tokenizer=None, **sizes):
 
 def prompt(question: str, answer: Optional[str] = None) -> str:
     """LLaVA-1.5's single-turn prompt; with `answer`, the full training text ending in </s>."""
-    text = f"USER: <image>\n{question} ASSISTANT:"
+    text = f"USER: {question}\n<image> ASSISTANT:"
     return text if answer is None else f"{text} {answer}</s>"
