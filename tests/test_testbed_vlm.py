@@ -141,3 +141,10 @@ def test_stage1_only_then_stage2_from_its_tower(tmp_path):
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     fresh = vlm.build_model(seed=1).model.vision_tower.state_dict()
     assert not all(torch.equal(first[k], fresh[k]) for k in first)
+    # --init-from continues from every weight: stage 2's starting loss is that model's, not a fresh one's
+    stage3 = tmp_path / "stage3"
+    assert train_main(["--data", str(data_dir), "--out", str(stage3), "--init-from", str(stage2), "--vision-steps", "0",
+                       "--steps", "1", "--batch-size", "2", "--eval-every", "1", "--warmup", "1", "--lr", "0"]) == 0
+    before = transformers.LlavaForConditionalGeneration.from_pretrained(stage2).state_dict()
+    after = transformers.LlavaForConditionalGeneration.from_pretrained(stage3).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # lr 0: nothing moved, everything loaded

@@ -315,6 +315,8 @@ def main(argv=None):
                         help="stage 2 curriculum: every token from this fraction of --steps on")
     parser.add_argument("--turns", type=int, default=1,
                         help="stage 2: questions per image in one sample (later turns follow the image)")
+    parser.add_argument("--init-from", help="a saved tiny VLM to continue from (every weight; with "
+                        "--vision-steps 0): a second stage 2 with a fresh learning-rate schedule")
     parser.add_argument("--tower-from", help="a saved tiny VLM whose vision tower replaces stage 1 (with "
                         "--vision-steps 0), e.g. the checkpoint of an earlier run of this command")
     parser.add_argument("--warmup", type=int, default=200)
@@ -364,12 +366,15 @@ def main(argv=None):
     write({"event": "start", "args": vars(args), "parameters": parameters, "torch": torch.__version__,
            "train_images": len(train_groups), "val_records": len(val_records)})
     start, best, order, cursor, running = time.time(), -1.0, [], 0, None
-    if args.tower_from:
+    if args.tower_from or args.init_from:
         from transformers import LlavaForConditionalGeneration
 
-        source = LlavaForConditionalGeneration.from_pretrained(args.tower_from, local_files_only=True)
-        model.model.vision_tower.load_state_dict(source.model.vision_tower.state_dict())
-        write({"event": "tower_from", "path": args.tower_from})
+        source = LlavaForConditionalGeneration.from_pretrained(args.init_from or args.tower_from, local_files_only=True)
+        if args.init_from:
+            model.load_state_dict(source.state_dict())
+        else:
+            model.model.vision_tower.load_state_dict(source.model.vision_tower.state_dict())
+        write({"event": "init_from" if args.init_from else "tower_from", "path": args.init_from or args.tower_from})
         del source
     if args.vision_steps:
         pretrain_vision(model, processor, args.data, args.vision_steps, args.vision_batch_size, args.vision_lr, args.seed,
