@@ -7,9 +7,10 @@ word-level over the testbed's vocabulary (tokenizers' WordLevel model), the imag
 transformers' `CLIPImageProcessorPil` (Pillow, no torchvision), and the prompt is LLaVA-1.5's template
 with the question before the image: "USER: {question}\\n<image> ASSISTANT: {answer}</s>". LLaVA-format
 data may put `<image>` anywhere in the first human turn; here it follows the question, so the visual
-tokens are read with the question already in context: a 3-layer language model then learns to find the
-asked object within the training budget of two CPU cores (with the image first, its validation accuracy
-stayed at 0.52 after 1,000 steps, colour questions at chance; see weights/tiny-vlm/README.md).
+tokens are read with the question already in context. Together with train_vlm's background curriculum
+this let the 3-layer language model learn to find the asked object on two CPU cores (with the image
+first it stayed at validation accuracy 0.52 after 1,000 steps, colour questions at chance; see
+weights/tiny-vlm/README.md).
 """
 
 from typing import Optional
