@@ -27,7 +27,8 @@ make it used to shorter visual sequences, which helps every pruning method alike
 weights/tiny-vlm/README.md). Validation accuracy (greedy one-word answer, all tokens) is measured every
 --eval-every steps; the best checkpoint is saved with save_pretrained (safetensors) beside the processor,
 and every line of the log goes to train_log.jsonl in --out. --steps 0 saves after stage 1; --tower-from
-starts stage 2 from such a tower instead of running stage 1.
+starts stage 2 from such a tower instead of running stage 1; --init-from continues from every weight of a
+saved tiny VLM (a second stage 2 with a fresh schedule).
 """
 
 import argparse
@@ -104,6 +105,11 @@ class Encoder:
         pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
         return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
                 "labels": labels}
+
+
+def warmup_cosine(warmup: int, steps: int):
+    """LambdaLR factor: linear warm-up over `warmup` steps, times a cosine decay to 0 at `steps`."""
+    return lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / max(1, steps)))
 
 
 class PatchHeads(torch.nn.Module):
@@ -217,8 +223,7 @@ def pretrain_vision(model, processor, data_dir, steps, batch_size, lr, seed, wri
     heads = PatchHeads(model.config.vision_config.hidden_size)
     parameters = list(model.model.vision_tower.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(warmup, steps))
     generator = random.Random(seed)
     progress = progress_factory(range(1, steps + 1), desc="stage 1: vision tower")
     running = None
@@ -326,6 +331,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
+    if args.init_from and args.tower_from:
+        parser.error("--init-from loads every weight, the tower included: give it or --tower-from, not both")
 
     import numpy as np
     from PIL import Image
@@ -352,9 +359,7 @@ def main(argv=None):
     if args.tower_lr > 0:
         groups.append({"params": tower_parameters, "lr": args.tower_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=0.01, betas=(0.9, 0.98))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / args.warmup) *
-        0.5 * (1 + math.cos(math.pi * min(step, args.steps) / max(1, args.steps))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.warmup, args.steps))
     log_path = os.path.join(args.out, "train_log.jsonl")
     log = open(log_path, "w")
 
