@@ -12,7 +12,6 @@ different torch than the one the extension must match.
 """
 
 import importlib.util
-import os
 import re
 from pathlib import Path
 
@@ -39,7 +38,7 @@ def extensions():
 
     flags = load_build_flags()
     version = read_version()
-    skip_cuda = os.environ.get("AUTOSELECT_SKIP_CUDA_BUILD", "0") not in ("0", "", "false", "False")
+    skip_cuda = flags.env_flag("AUTOSELECT_SKIP_CUDA_BUILD")
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not skip_cuda
     sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cpp"))
     if not with_cuda:

@@ -6,6 +6,15 @@ import re
 
 DEFAULT_CUDA_ARCHS = "80;90"
 
+_FALSE = ("", "0", "false", "no", "off")
+
+
+def env_flag(name: str) -> bool:
+    """The one truthiness rule for the package's switches (AUTOSELECT_SKIP_CUDA_BUILD,
+    AUTOSELECT_DEBUG_CHECKS, ...): unset, empty, 0, false, no and off (any case) are false, anything
+    else is true."""
+    return os.environ.get(name, "").strip().lower() not in _FALSE
+
 
 def cuda_archs(raw=None):
     """Compute capabilities from AUTOSELECT_CUDA_ARCHS (default "80;90"), e.g. ["80", "90"]."""
