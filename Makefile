@@ -2,6 +2,9 @@
 #   make demo   set up, then `autoselect demo`: the shipped tiny VLM and selector evaluated against the
 #               baselines at keep 192/128/64, the prefill speed-up and a picture of the kept tokens (demo/)
 #   make test   set up, then the test suite
+#   make gpu    on a machine with a CUDA GPU: build the CUDA kernels, run the GPU tests, compute-sanitizer
+#               memcheck/racecheck on one small case per kernel, the GPU benchmarks (rows appended to
+#               benchmarks/results/*.csv); downloads nothing (see the gpu target)
 # Set-up: a virtual environment in .venv (sharing the system's packages when the system Python already
 # has torch, e.g. a CUDA build, which is then used and gets the CUDA kernels built), torch==2.13.0
 # where no torch is present (the CPU build), and the package with its compiled extension.
@@ -12,7 +15,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.autoselect-installed
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu) setup.py pyproject.toml autoselect/_build_flags.py
 
-.PHONY: demo test bench install clean
+.PHONY: demo test bench install clean gpu
 
 demo: $(STAMP)
 	$(VENV)/bin/autoselect info
@@ -40,3 +43,50 @@ $(STAMP): $(SOURCES)
 
 clean:
 	rm -rf $(VENV) build autoselect/_C*.so *.egg-info
+
+# make gpu: for a machine with a CUDA GPU where torch (a CUDA build), triton, transformers and pytest are
+# installed system-wide and nothing can be downloaded. A virtual environment in build/gpu-venv that sees the
+# system's packages (no pip of its own, nothing installed from the network; when GPU_PYTHON is itself a
+# virtual or conda environment, which a nested venv would not see, that environment is used directly) gets
+# the package installed editable with its CUDA kernels, built for this GPU's compute capability only
+# (AUTOSELECT_CUDA_ARCHS overrides) with MAX_JOBS = all cores. Then: the GPU tests (GPU_TESTS: every test
+# marked gpu; GPU_TESTS=tests for the whole suite), compute-sanitizer memcheck and racecheck on the small
+# cases of tests/test_gpu.py (where compute-sanitizer is found: PATH, CUDA_HOME, /usr/local/cuda), and
+# benchmarks/bench_gpu.py (rows appended to GPU_RESULTS/<op>.csv; GPU_BENCH=0 skips it). Every step runs
+# under a timeout, and all of them within GPU_BUDGET_S seconds (a step gets at most what is left); a failed
+# step does not stop the later ones, and make gpu fails at the end if any did.
+GPU_PYTHON ?= python3
+GPU_BUDGET_S ?= 540
+GPU_VENV ?= build/gpu-venv
+GPU_TESTS ?= -m gpu tests
+GPU_SANITIZERS ?= memcheck racecheck
+GPU_BENCH ?= 1
+GPU_RESULTS ?= benchmarks/results
+
+gpu:
+	@$(GPU_PYTHON) -c "import sys, torch; sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)" \
+	  || { echo "make gpu: needs $(GPU_PYTHON) with a CUDA build of torch and a visible GPU"; exit 1; }
+	@set -u; fail=""; py=$(GPU_VENV)/bin/python; deadline=$$(( $$(date +%s) + $(GPU_BUDGET_S) )); \
+	cap() { left=$$(( deadline - $$(date +%s) )); [ $$left -lt 1 ] && left=1; [ $$left -lt $$1 ] && echo $$left || echo $$1; }; \
+	[ -x $$py ] || $(GPU_PYTHON) -m venv --system-site-packages --without-pip $(GPU_VENV) || exit 1; \
+	$$py -c "import torch, triton, pytest; import pip" 2>/dev/null || py=$$(command -v $(GPU_PYTHON)); \
+	echo "== python: $$py"; \
+	archs=$${AUTOSELECT_CUDA_ARCHS:-$$($$py -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")}; \
+	echo "== build (CUDA archs $$archs, MAX_JOBS=$${MAX_JOBS:-$$(nproc)})"; \
+	command -v ninja >/dev/null || $$py -c "import ninja" 2>/dev/null || echo "warning: no ninja: torch compiles the sources one at a time"; \
+	AUTOSELECT_CUDA_ARCHS=$$archs MAX_JOBS=$${MAX_JOBS:-$$(nproc)} timeout $$(cap 360) \
+	  $$py -m pip install --no-build-isolation --no-deps --no-index -q -e . \
+	  || { echo "make gpu: the build failed (it needs pip, setuptools>=70.1 or wheel, and ninja for a parallel build)"; exit 1; }; \
+	$$py -m autoselect info || exit 1; \
+	echo "== GPU tests: pytest $(GPU_TESTS)"; \
+	timeout $$(cap 240) $$py -m pytest $(GPU_TESTS) -q -p no:cacheprovider --durations=10 || fail="$$fail tests"; \
+	sanitizer=$$(command -v compute-sanitizer || ls $${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer 2>/dev/null || true); \
+	if [ -z "$$sanitizer" ]; then echo "== compute-sanitizer not found: memcheck and racecheck skipped"; \
+	else for tool in $(GPU_SANITIZERS); do \
+	  echo "== compute-sanitizer --tool $$tool: one small case per kernel"; \
+	  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout $$(cap 120) $$sanitizer --tool $$tool --error-exitcode 1 \
+	    $$py tests/test_gpu.py --device cuda || fail="$$fail $$tool"; \
+	done; fi; \
+	if [ "$(GPU_BENCH)" != 0 ]; then echo "== GPU benchmarks -> $(GPU_RESULTS)/"; \
+	  timeout $$(cap 240) $$py benchmarks/bench_gpu.py --device cuda --results $(GPU_RESULTS) || fail="$$fail benchmarks"; fi; \
+	if [ -n "$$fail" ]; then echo "make gpu: FAILED:$$fail"; exit 1; fi; echo "make gpu: all steps passed"

@@ -6,12 +6,18 @@ The C++ CPU kernels are always built. The CUDA kernels are built when the instal
   AUTOSELECT_SKIP_CUDA_BUILD=1   build the CPU kernels only, even with a CUDA torch and nvcc
   AUTOSELECT_CUDA_ARCHS="80;90"  compute capabilities to compile the CUDA kernels for
   MAX_JOBS=N                     parallel compile jobs (read by torch's build extension)
+  AUTOSELECT_PREBUILT_EXTENSION=path/to/_C.<EXT_SUFFIX>
+                                 package this already-built autoselect._C instead of compiling it
+                                 (its file name must be the one this build would write); the wheel
+                                 check of tests/test_build.py uses the extension that `make install`
+                                 built rather than compiling every kernel a second time
 
 Install with `pip install --no-build-isolation -e .` (or without -e): build isolation would pull a
 different torch than the one the extension must match.
 """
 
 import importlib.util
+import os
 import re
 from pathlib import Path
 
@@ -57,7 +63,21 @@ def extensions():
 def build_ext_class():
     from torch.utils.cpp_extension import BuildExtension
 
-    return BuildExtension.with_options(use_ninja=True)
+    base = BuildExtension.with_options(use_ninja=True)
+
+    class build_ext(base):
+        def build_extension(self, ext):
+            prebuilt = os.environ.get("AUTOSELECT_PREBUILT_EXTENSION", "").strip()
+            if not prebuilt:
+                return super().build_extension(ext)
+            target = self.get_ext_fullpath(ext.name)
+            if os.path.basename(prebuilt) != os.path.basename(target) or not os.path.isfile(prebuilt):
+                raise RuntimeError(f"AUTOSELECT_PREBUILT_EXTENSION={prebuilt!r}: expected an existing file named "
+                                   f"{os.path.basename(target)!r} (the extension {ext.name} of this Python and platform)")
+            self.mkpath(os.path.dirname(target))
+            self.copy_file(prebuilt, target)
+
+    return build_ext
 
 
 setup(

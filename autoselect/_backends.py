@@ -29,6 +29,10 @@ _OPS = {}
 
 _forced = threading.local()
 
+# op name -> a one-line note on inputs its fast backends leave to the reference, or a callable returning
+# one (or None); filled by the op modules through `register_limits`, shown by `backends()`.
+_LIMITS = {}
+
 
 def register_op(name: str, implemented):
     """Declare an op and the backends it implements (a subset of BACKENDS)."""
@@ -36,6 +40,12 @@ def register_op(name: str, implemented):
     if unknown:
         raise ValueError(f"unknown backends {sorted(unknown)} for op {name}")
     _OPS[name] = tuple(b for b in BACKENDS if b in implemented)
+
+
+def register_limits(name: str, note):
+    """Declare a one-line note (or a callable returning one, or None) on the inputs that op `name`'s
+    kernels do not serve and run on its reference; `backends()` shows it under the op as "limits"."""
+    _LIMITS[name] = note
 
 
 def _forced_backend():
@@ -114,7 +124,8 @@ def backends(device=None):
     """For each op: the backends available on `device` (default: cuda when available, else cpu),
     the one chosen now, and why each missing one is missing.
 
-    Returns {op: {"available": [...], "chosen": str, "missing": {backend: reason}}}."""
+    Returns {op: {"available": [...], "chosen": str, "missing": {backend: reason}}}, plus "limits": a
+    one-line note for ops whose kernels leave some inputs to the reference (`register_limits`)."""
     _import_ops()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -133,6 +144,10 @@ def backends(device=None):
         except RuntimeError as exc:  # a forced backend that cannot run here
             chosen, missing["error"] = None, str(exc)
         table[op] = {"available": available, "chosen": chosen, "missing": missing}
+        note = _LIMITS.get(op)
+        note = note() if callable(note) else note
+        if note:
+            table[op]["limits"] = note
     return table
 
 

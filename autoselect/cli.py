@@ -70,6 +70,8 @@ def info_lines():
             missing = "; ".join(f"{b}: {why}" for b, why in entry["missing"].items()) or "-"
             lines.append(f"{op:<14} {device:<6} {entry['chosen'] or 'error':<10} "
                          f"{', '.join(entry['available']):<24} {missing}")
+            if entry.get("limits"):
+                lines.append(f"{'':<14} {'':<6} limits: {entry['limits']}")
     return lines
 
 

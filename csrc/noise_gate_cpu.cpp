@@ -36,12 +36,26 @@ int64_t row_grain(int64_t D) { return std::max<int64_t>(1, kGrainElements / std:
 // vectorized), so eight counters run together through Philox and through polynomial log and sincos,
 // written with GCC/Clang vector types: one source for SSE, AVX2 and AVX-512 (picked at run time by
 // target_clones) or NEON.
-// The polynomials are accurate to a few float ulps: the same noise as Triton up to float rounding.
+//
+// Accuracy. The contract's normals are n0 = radius cos(theta), n1 = radius sin(theta) with the
+// float32 uniforms u0, u1, radius = sqrt(-2 log(max(u0, 1e-7))) and theta = float32(2 pi * u1)
+// (Triton rounds theta to float32 before its sin and cos, and so do the CUDA kernel and the PyTorch
+// reference). From the float32 inputs u0 and theta on, everything below runs in float64 and is
+// rounded to float32 once, at the end: the log through atanh's series (truncation below 1e-10
+// relative), the reduction of theta by multiples of pi/2 with a two-part pi/2 whose first part
+// keeps k * (pi/2)_hi exact, and Taylor polynomials on [-pi/4, pi/4] (truncation below 2e-10). So
+// each normal is within about half a float32 ulp of the exact value on the same float32 inputs, on
+// every clone (SSE without FMA included): tests/test_noise_accuracy.py checks it against float64.
+// (The float32 polynomials used before were a few ulps off, and on the baseline clone, without FMA,
+// up to 1.4e-7 off near theta = 3 pi / 2.) The test also compiles this section on its own (from the
+// "SIMD noise" line to the end of randn4x_lanes) for the baseline and AVX2 clones, which the
+// installed extension may never run on the test machine: keep the section free of torch.
 
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef uint64_t u64x8 __attribute__((vector_size(64)));
 typedef float f32x8 __attribute__((vector_size(32)));
+typedef double f64x8 __attribute__((vector_size(64)));
 
 constexpr int kLanes = 8;
 
@@ -52,6 +66,8 @@ AUTOSELECT_INLINE u32x8 as_bits(f32x8 v) { return reinterpret_cast<u32x8>(v); }
 AUTOSELECT_INLINE u32x8 select(u32x8 mask, u32x8 if_set, u32x8 if_clear) {
   return (if_set & mask) | (if_clear & ~mask);
 }
+AUTOSELECT_INLINE f64x8 widen(f32x8 v) { return __builtin_convertvector(v, f64x8); }
+AUTOSELECT_INLINE f32x8 narrow(f64x8 v) { return __builtin_convertvector(v, f32x8); }
 
 // (hi, lo) 32-bit halves of the 64-bit products a * b, lane by lane.
 AUTOSELECT_INLINE void mul_wide(uint32_t a, u32x8 b, u32x8& hi, u32x8& lo) {
@@ -60,56 +76,57 @@ AUTOSELECT_INLINE void mul_wide(uint32_t a, u32x8 b, u32x8& hi, u32x8& lo) {
   lo = __builtin_convertvector(product, u32x8);
 }
 
-// Triton's uint_to_uniform_float: int32 x, x < 0 -> ~x (x ^ (x >> 31)), times 4.6566127342e-10.
+// Triton's uint_to_uniform_float: int32 x, x < 0 -> ~x (x ^ (x >> 31)), times 4.6566127342e-10
+// (as float32 that is exactly 2^-31, so the only rounding is the int -> float conversion).
 AUTOSELECT_INLINE f32x8 uniform(u32x8 bits) {
   const i32x8 x = reinterpret_cast<i32x8>(bits);
   return __builtin_convertvector(x ^ (x >> 31), f32x8) * 4.6566127342e-10f;
 }
 
-// Natural log of normal positive floats: u = m * 2^e with m in [sqrt(1/2), sqrt(2)), then
-// log(m) = 2 atanh(t), t = (m - 1) / (m + 1), |t| < 0.172, by its odd series to t^11.
-AUTOSELECT_INLINE f32x8 log_positive(f32x8 u) {
+// sqrt(-2 log u) in float64 for normal positive floats u <= 1: u = m * 2^e exactly, with
+// m in [sqrt(1/2), sqrt(2)) (from u's bits), then log(m) = 2 atanh(t), t = (m - 1) / (m + 1),
+// |t| < 0.172, by its odd series to t^11 (the first term left out is below 5e-11 relative).
+AUTOSELECT_INLINE f64x8 box_muller_radius(f32x8 u) {
   const u32x8 bits = as_bits(u);
-  const u32x8 mantissa = (bits & 0x007FFFFFu) | 0x3F800000u;  // m in [1, 2)
-  const u32x8 high = reinterpret_cast<u32x8>(mantissa > 0x3FB504F3u);  // m > sqrt(2): halve it
-  const f32x8 m = as_float(select(high, mantissa - 0x00800000u, mantissa));
+  const u32x8 mantissa = (bits & 0x007FFFFFu) | 0x3F800000u;          // in [1, 2)
+  const u32x8 high = reinterpret_cast<u32x8>(mantissa > 0x3FB504F3u);  // above sqrt(2): halve it
+  const f64x8 m = widen(as_float(select(high, mantissa - 0x00800000u, mantissa)));
   const i32x8 exponent = reinterpret_cast<i32x8>(bits >> 23) - 127 - reinterpret_cast<i32x8>(high);
-  const f32x8 e = __builtin_convertvector(exponent, f32x8);
-  const f32x8 t = (m - 1.0f) / (m + 1.0f);
-  const f32x8 t2 = t * t;
-  const f32x8 series =
-      1.0f + t2 * (1.0f / 3 + t2 * (1.0f / 5 + t2 * (1.0f / 7 + t2 * (1.0f / 9 + t2 * (1.0f / 11)))));
-  return e * 0.693145751953125f + (2.0f * t * series + e * 1.428606765330187e-06f);
+  const f64x8 e = __builtin_convertvector(exponent, f64x8);
+  const f64x8 t = (m - 1.0) / (m + 1.0);  // m - 1 and m + 1 are exact
+  const f64x8 t2 = t * t;
+  const f64x8 series =
+      1.0 + t2 * (1.0 / 3 + t2 * (1.0 / 5 + t2 * (1.0 / 7 + t2 * (1.0 / 9 + t2 * (1.0 / 11)))));
+  const f64x8 minus_two_log = -2.0 * (e * 0.6931471805599453 + 2.0 * t * series);  // >= 0
+  f64x8 out;
+  for (int j = 0; j < kLanes; ++j) out[j] = __builtin_sqrt(minus_two_log[j]);
+  return out;
 }
 
-// sin and cos of theta in [0, 2 pi]: reduce by multiples of pi/2 (Cody-Waite), Taylor on
-// [-pi/4, pi/4], then swap and negate by quadrant.
-AUTOSELECT_INLINE void sincos_turn(f32x8 theta, f32x8& sin_out, f32x8& cos_out) {
-  const i32x8 quadrant = __builtin_convertvector(theta * 0.636619772f + 0.5f, i32x8);
-  const f32x8 k = __builtin_convertvector(quadrant, f32x8);
-  const f32x8 r = (theta - k * 1.5707963705062866f) + k * 4.371139000186243e-08f;
-  const f32x8 r2 = r * r;
-  const f32x8 s = r + r * r2 * (-1.0f / 6 + r2 * (1.0f / 120 + r2 * (-1.0f / 5040 + r2 * (1.0f / 362880))));
-  const f32x8 c = 1.0f + r2 * (-0.5f + r2 * (1.0f / 24 + r2 * (-1.0f / 720 + r2 * (1.0f / 40320 +
-                                                                                  r2 * (-1.0f / 3628800)))));
+// (radius cos theta, radius sin theta) for float theta in [0, 2 pi]: theta = k pi/2 + r, k in 0..4,
+// |r| <= pi/4; r = (theta - k P1) - k P2 with P1 = pi/2 to 33 bits, so k P1 and theta - k P1 are
+// exact in float64 (with or without FMA), and P1 + P2 = pi/2 to 1e-21. Then Taylor polynomials of
+// sin r and cos r, both products rounded once to float, and a swap and sign flips by quadrant.
+AUTOSELECT_INLINE void polar(f64x8 radius, f32x8 theta, f32x8& cos_out, f32x8& sin_out) {
+  const i32x8 quadrant = __builtin_convertvector(theta * 0.636619772f + 0.5f, i32x8);  // theta >= 0
+  const f64x8 k = __builtin_convertvector(quadrant, f64x8);
+  const f64x8 r = (widen(theta) - k * 1.57079632673412561417e+00) - k * 6.07710050650619224932e-11;
+  const f64x8 r2 = r * r;
+  const f64x8 s = r + r * r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880 +
+                                                                                    r2 * (-1.0 / 39916800)))));
+  const f64x8 c = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 +
+                                                                               r2 * (-1.0 / 3628800)))));
+  const f32x8 rs = narrow(radius * s), rc = narrow(radius * c);
   const u32x8 q = reinterpret_cast<u32x8>(quadrant);
   const u32x8 swap = 0u - (q & 1u);
-  const u32x8 sin_bits = select(swap, as_bits(c), as_bits(s));
-  const u32x8 cos_bits = select(swap, as_bits(s), as_bits(c));
+  const u32x8 sin_bits = select(swap, as_bits(rc), as_bits(rs));
+  const u32x8 cos_bits = select(swap, as_bits(rs), as_bits(rc));
   sin_out = as_float(sin_bits ^ (((q >> 1) & 1u) << 31));        // negative in quadrants 2, 3
   cos_out = as_float(cos_bits ^ ((((q + 1u) >> 1) & 1u) << 31));  // negative in quadrants 1, 2
 }
 
-AUTOSELECT_INLINE f32x8 sqrt8(f32x8 v) {
-  f32x8 out;
-  for (int j = 0; j < kLanes; ++j) out[j] = __builtin_sqrtf(v[j]);
-  return out;
-}
-
 // out[4 j + k] = component k of randn4x(seed, counter0 + j), j < 8.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#endif
+AUTOSELECT_TARGET_CLONES  // csrc/device_macros.h
 void randn4x_lanes(float* __restrict__ out, uint64_t seed, uint64_t counter0) {
   u32x8 c0, c1, c2 = {}, c3 = {};
   for (int j = 0; j < kLanes; ++j) {
@@ -130,12 +147,11 @@ void randn4x_lanes(float* __restrict__ out, uint64_t seed, uint64_t counter0) {
     k1 += 0xBB67AE85u;
   }
   const f32x8 u0 = uniform(c0), u2 = uniform(c2);
-  const f32x8 r01 = sqrt8(-2.0f * log_positive(u0 > 1.0e-7f ? u0 : 1.0e-7f));
-  const f32x8 r23 = sqrt8(-2.0f * log_positive(u2 > 1.0e-7f ? u2 : 1.0e-7f));
-  f32x8 s01, c01, s23, c23;
-  sincos_turn(6.283185307179586f * uniform(c1), s01, c01);
-  sincos_turn(6.283185307179586f * uniform(c3), s23, c23);
-  const f32x8 n0 = r01 * c01, n1 = r01 * s01, n2 = r23 * c23, n3 = r23 * s23;
+  const f64x8 r01 = box_muller_radius(u0 > 1.0e-7f ? u0 : 1.0e-7f);
+  const f64x8 r23 = box_muller_radius(u2 > 1.0e-7f ? u2 : 1.0e-7f);
+  f32x8 n0, n1, n2, n3;
+  polar(r01, 6.283185307179586f * uniform(c1), n0, n1);  // theta rounded to float32, as Triton's
+  polar(r23, 6.283185307179586f * uniform(c3), n2, n3);
   for (int j = 0; j < kLanes; ++j) {
     out[4 * j] = n0[j];
     out[4 * j + 1] = n1[j];

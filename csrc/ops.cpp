@@ -27,7 +27,7 @@ TORCH_LIBRARY(autoselect_C, m) {
       "-> (Tensor, Tensor)");
   m.def("select_topk(Tensor x, Tensor scores, int[] lengths, int[] ks) -> (Tensor, Tensor)");
   m.def(
-      "score_select(Tensor x, Tensor hidden, Tensor col_sum, Tensor bias, Tensor w2, float b2, float eps, "
+      "score_select(Tensor x, Tensor hidden, Tensor col_sum, Tensor bias, Tensor w2, Tensor b2, float eps, "
       "int[] lengths, int[] ks) -> (Tensor, Tensor, Tensor)");
 }
 

@@ -83,10 +83,14 @@ inline Segments check_select_inputs(const at::Tensor& x, const at::Tensor& score
 }
 
 inline void check_scorer_inputs(const at::Tensor& x, const at::Tensor& hidden, const at::Tensor& col_sum,
-                                const at::Tensor& bias, const at::Tensor& w2, const char* op) {
+                                const at::Tensor& bias, const at::Tensor& w2, const at::Tensor& b2,
+                                const char* op) {
   TORCH_CHECK(hidden.device() == x.device() && col_sum.device() == x.device() && bias.device() == x.device() &&
-                  w2.device() == x.device(),
+                  w2.device() == x.device() && b2.device() == x.device(),
               op, ": all tensors must be on ", x.device());
+  // b2 stays a tensor (read by the kernel, never by the host), so a call does not synchronise.
+  TORCH_CHECK(b2.numel() == 1 && b2.scalar_type() == at::kFloat, op, ": b2 must be one float32 value, got ",
+              b2.sizes(), " ", b2.scalar_type());
   TORCH_CHECK(hidden.dim() == 2 && hidden.size(0) == x.size(0), op, ": hidden must have shape (", x.size(0),
               ", H), got ", hidden.sizes());
   TORCH_CHECK(hidden.is_contiguous(), op, ": hidden must be contiguous");

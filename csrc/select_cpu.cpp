@@ -102,7 +102,7 @@ inline float erf_rational(float x) {
 }
 
 // (mean, 1 / sqrt(var + eps)) of one row of float values.
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+AUTOSELECT_TARGET_CLONES
 void row_statistics(const float* row, int64_t D, double eps, float& mean, float& rstd) {
   const float shift = row[0];
   float sum[kLanes8] = {}, square[kLanes8] = {};
@@ -128,7 +128,7 @@ void row_statistics(const float* row, int64_t D, double eps, float& mean, float&
 }
 
 // w2 . gelu((hidden - mean * col_sum) * rstd + bias) for one token.
-__attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+AUTOSELECT_TARGET_CLONES
 float gelu_dot(const float* hidden, const float* col_sum, const float* bias, const float* w2, int64_t H, float mean,
                float rstd) {
   float acc[kLanes8] = {};
@@ -178,17 +178,17 @@ void score_tokens(const at::Tensor& x, const at::Tensor& hidden, const float* co
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> score_select_cpu(const at::Tensor& x, const at::Tensor& hidden,
                                                                 const at::Tensor& col_sum, const at::Tensor& bias,
-                                                                const at::Tensor& w2, double b2, double eps,
+                                                                const at::Tensor& w2, const at::Tensor& b2, double eps,
                                                                 at::IntArrayRef lengths, at::IntArrayRef ks) {
   const Segments seg = check_select_inputs(x, at::empty({x.size(0)}, x.options()), lengths, ks,
                                            c10::DeviceType::CPU, "score_select");
-  check_scorer_inputs(x, hidden, col_sum, bias, w2, "score_select");
+  check_scorer_inputs(x, hidden, col_sum, bias, w2, b2, "score_select");
   at::Tensor scores = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "score_select_cpu", [&] {
     using x_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, hidden.scalar_type(), "score_select_cpu_hidden", [&] {
       score_tokens<x_t, scalar_t>(x, hidden, col_sum.const_data_ptr<float>(), bias.const_data_ptr<float>(),
-                                  w2.const_data_ptr<float>(), static_cast<float>(b2), eps,
+                                  w2.const_data_ptr<float>(), *b2.const_data_ptr<float>(), eps,
                                   scores.mutable_data_ptr<float>());
     });
   });

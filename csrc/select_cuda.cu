@@ -11,9 +11,9 @@
 //   blocks of (image, chunk of tokens) score their tokens (a warp per token: the token's mean and
 //   variance over D, then the folded LayerNorm, GELU and the H -> 1 projection, select.h); the last
 //   block of an image to finish (a per-image arrival counter) runs steps 1-4 on the image's
-//   scores. The counters live in a per-device workspace that the last block resets, so no memset
-//   is launched; calls on one device and stream are ordered, calls on concurrent streams of one
-//   device must not overlap (each stream gets its own workspace).
+//   scores. The counters are per launch: a zeroed int buffer of one counter per image, taken from
+//   torch's caching allocator on the launch's stream (stream-ordered, so no launch can see another
+//   launch's counters, whatever the streams, and CUDA-graph capture records the zeroing too).
 #include "select.h"
 
 #include <ATen/Dispatch.h>
@@ -26,9 +26,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
-#include <map>
 #include <mutex>
-#include <utility>
 
 namespace autoselect {
 namespace {
@@ -165,8 +163,9 @@ template <typename scalar_t, typename hidden_t>
 __global__ void __launch_bounds__(kSelectThreads)
     score_select_kernel(const scalar_t* __restrict__ x, const hidden_t* __restrict__ hidden,
                         const float* __restrict__ col_sum, const float* __restrict__ bias,
-                        const float* __restrict__ w2, float b2, float eps, SegmentTable segments, int64_t D,
-                        int64_t H, int chunks_per_image, unsigned int* __restrict__ arrivals,
+                        const float* __restrict__ w2, const float* __restrict__ b2, float eps,
+                        SegmentTable segments, int64_t D, int64_t H, int chunks_per_image,
+                        unsigned int* __restrict__ arrivals,
                         float* __restrict__ scores, scalar_t* __restrict__ kept, int64_t* __restrict__ index) {
   extern __shared__ uint32_t order[];
   __shared__ bool last;
@@ -176,6 +175,7 @@ __global__ void __launch_bounds__(kSelectThreads)
   segments.get(image, token_start, kept_start, n, k);
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
   const int warps = blockDim.x / kWarpSize;
+  const float bias2 = __ldg(b2);  // a device scalar, so the host never reads it
 
   // Scoring: a warp per token of this chunk.
   const int64_t first = chunk * kTokensPerScoreBlock, stop = smaller(n, first + kTokensPerScoreBlock);
@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kSelectThreads)
       const float pre = (static_cast<float>(h_row[h]) - mean * col_sum[h]) * rstd + bias[h];
       partial += w2[h] * gelu(pre);
     }
-    const float score = warp_sum(partial) + b2;
+    const float score = warp_sum(partial) + bias2;
     if (lane == 0) scores[token_start + t] = score;
   }
 
@@ -211,7 +211,6 @@ __global__ void __launch_bounds__(kSelectThreads)
   if (!last) return;
   __threadfence();
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) order[i] = order_bits(__ldcg(scores + token_start + i));
-  if (threadIdx.x == 0) arrivals[image] = 0;  // ready for the next call on this stream
   __syncthreads();
   select_and_gather(order, n, k, x + token_start * D, D, kept + kept_start * D, index + kept_start);
 }
@@ -236,15 +235,32 @@ Launch segment_table(const Segments& seg, at::IntArrayRef lengths, at::IntArrayR
   return {{device.const_data_ptr<int64_t>(), 0, 0}, device};
 }
 
-size_t shared_bytes_for(int64_t max_length, const void* kernel) {
+// Shared memory of one block = the kernel's static part (radix histogram, block-scan storage and
+// flags, about 3 KiB, read from the compiled kernel) + the dynamic part (the order keys: 4 bytes per
+// token of the longest image). The rules: static + dynamic must fit the device's opt-in limit
+// (sharedMemPerBlockOptin, e.g. 227 KiB on H100); and a kernel launches with more than 48 KiB in
+// total only after its MaxDynamicSharedMemorySize attribute has been raised to the dynamic part
+// (its default is 48 KiB - static). So the test is on static + dynamic, not on the dynamic part
+// alone: an image of about 11,470 to 12,288 tokens has a dynamic part below 48 KiB, a total above.
+// The attribute is per kernel and device and is only ever raised (under a lock), so a concurrent
+// caller can never lower it under another's launch.
+size_t shared_bytes_for(int64_t max_length, const void* kernel, const char* op) {
   const size_t bytes = static_cast<size_t>(max_length) * sizeof(uint32_t);
-  int device = 0, limit = 0;
+  int device = 0, optin = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  const size_t static_bytes = 8 * 1024;  // histogram, scan storage and flags, with room to spare
-  TORCH_CHECK(bytes + static_bytes <= static_cast<size_t>(limit), "select_topk: an image of ", max_length,
-              " tokens needs ", bytes, " bytes of shared memory; this GPU allows ", limit, " per block");
-  if (bytes > 48 * 1024)
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  static std::mutex mutex;
+  const std::lock_guard<std::mutex> lock(mutex);
+  cudaFuncAttributes attributes;
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
+  const size_t static_bytes = attributes.sharedSizeBytes;
+  const size_t limit = static_cast<size_t>(optin);
+  TORCH_CHECK(static_bytes + bytes <= limit, op, ": an image of N = ", max_length, " tokens needs ",
+              bytes, " bytes of dynamic shared memory (4 per token) plus ", static_bytes,
+              " static bytes per block; this GPU (device ", device, ") allows ", optin,
+              " bytes per block, so at most N = ", limit > static_bytes ? (limit - static_bytes) / sizeof(uint32_t) : 0,
+              " tokens per image");
+  if (bytes > static_cast<size_t>(attributes.maxDynamicSharedSizeBytes))
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   return bytes;
 }
@@ -262,7 +278,7 @@ std::tuple<at::Tensor, at::Tensor> select_topk_cuda(const at::Tensor& x, const a
     using x_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "select_topk_cuda_scores", [&] {
       const auto kernel = select_topk_kernel<x_t, scalar_t>;
-      const size_t shared = shared_bytes_for(seg.max_length, reinterpret_cast<const void*>(kernel));
+      const size_t shared = shared_bytes_for(seg.max_length, reinterpret_cast<const void*>(kernel), "select_topk");
       kernel<<<static_cast<unsigned int>(lengths.size()), kSelectThreads, shared, stream>>>(
           x.const_data_ptr<x_t>(), scores.const_data_ptr<scalar_t>(), launch.segments, x.size(1),
           kept.mutable_data_ptr<x_t>(), index.mutable_data_ptr<int64_t>());
@@ -272,25 +288,13 @@ std::tuple<at::Tensor, at::Tensor> select_topk_cuda(const at::Tensor& x, const a
   return {kept, index};
 }
 
-// Arrival counters, zero between calls: one buffer per (device, stream), grown on demand.
-unsigned int* arrival_counters(const at::Tensor& like, int64_t images, cudaStream_t stream) {
-  static std::mutex mutex;
-  // Never destroyed: freeing CUDA memory from a static destructor at exit can outlive the driver.
-  static auto* buffers = new std::map<std::pair<int, cudaStream_t>, at::Tensor>();
-  const std::lock_guard<std::mutex> lock(mutex);
-  at::Tensor& buffer = (*buffers)[{like.get_device(), stream}];
-  if (!buffer.defined() || buffer.numel() < images)
-    buffer = at::zeros({std::max<int64_t>(images, 64)}, like.options().dtype(at::kInt));
-  return reinterpret_cast<unsigned int*>(buffer.mutable_data_ptr<int>());
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> score_select_cuda(const at::Tensor& x, const at::Tensor& hidden,
                                                                  const at::Tensor& col_sum, const at::Tensor& bias,
-                                                                 const at::Tensor& w2, double b2, double eps,
+                                                                 const at::Tensor& w2, const at::Tensor& b2, double eps,
                                                                  at::IntArrayRef lengths, at::IntArrayRef ks) {
   at::Tensor scores = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   const Segments seg = check_select_inputs(x, scores, lengths, ks, c10::DeviceType::CUDA, "score_select");
-  check_scorer_inputs(x, hidden, col_sum, bias, w2, "score_select");
+  check_scorer_inputs(x, hidden, col_sum, bias, w2, b2, "score_select");
   TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
               "score_select: hidden must be float32 or float64 on CUDA, got ", hidden.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
@@ -302,16 +306,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_select_cuda(const at::Tenso
   const int64_t chunks = (seg.max_length + kTokensPerScoreBlock - 1) / kTokensPerScoreBlock;
   const int64_t blocks = chunks * static_cast<int64_t>(lengths.size());
   TORCH_CHECK(blocks < (int64_t{1} << 31), "score_select: too many tokens for one launch");
-  unsigned int* arrivals = arrival_counters(x, static_cast<int64_t>(lengths.size()), stream);
+  // One arrival counter per image, zeroed on this stream before the kernel (see the top of the file).
+  const at::Tensor arrival_counters = at::zeros({static_cast<int64_t>(lengths.size())}, x.options().dtype(at::kInt));
+  unsigned int* arrivals = reinterpret_cast<unsigned int*>(arrival_counters.mutable_data_ptr<int>());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "score_select_cuda", [&] {
     using x_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "score_select_cuda_hidden", [&] {
       const auto kernel = score_select_kernel<x_t, scalar_t>;
-      const size_t shared = shared_bytes_for(seg.max_length, reinterpret_cast<const void*>(kernel));
+      const size_t shared = shared_bytes_for(seg.max_length, reinterpret_cast<const void*>(kernel), "score_select");
       // Every image gets `chunks` blocks (chunks of a shorter image past its end only arrive).
       kernel<<<static_cast<unsigned int>(blocks), kSelectThreads, shared, stream>>>(
           x.const_data_ptr<x_t>(), hidden.const_data_ptr<scalar_t>(), col_sum.const_data_ptr<float>(),
-          bias.const_data_ptr<float>(), w2.const_data_ptr<float>(), static_cast<float>(b2), static_cast<float>(eps),
+          bias.const_data_ptr<float>(), w2.const_data_ptr<float>(), b2.const_data_ptr<float>(), static_cast<float>(eps),
           launch.segments, x.size(1), hidden.size(1), static_cast<int>(chunks), arrivals,
           scores.mutable_data_ptr<float>(), kept.mutable_data_ptr<x_t>(), index.mutable_data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();

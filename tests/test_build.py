@@ -1,7 +1,13 @@
-"""Build checks: the extension loads and reports itself; the CUDA sources compile with nvcc for
-sm_80 and sm_90; the Triton kernels compile ahead of time for sm_80 and sm_90. The last two run on
-machines without a GPU."""
+"""Build checks: the extension loads and reports itself; the C++ sources compile on the branch that
+non-x86 machines (aarch64) take; the CUDA sources compile with nvcc for sm_80 and sm_90; the wheel
+packs the extension and the Triton kernels (their ahead-of-time compile for sm_80 and sm_90 is
+tests/test_triton_aot.py). All run on machines without a GPU, and none writes into the source tree.
 
+Cost (CI runs on two cores): each CUDA source is compiled once per session (one nvcc call per file for
+both archs, the files in parallel), and the wheel is packed around the extension that `make install`
+already built (setup.py's AUTOSELECT_PREBUILT_EXTENSION) instead of compiling it a second time."""
+
+import concurrent.futures
 import os
 import shutil
 import subprocess
@@ -17,6 +23,40 @@ from autoselect import _build_flags, _ext
 
 ROOT = Path(__file__).resolve().parents[1]
 ARCHS = ["80", "90"]
+CUDA_SOURCES = sorted(p.name for p in (ROOT / "csrc").glob("*.cu"))
+CPU_SOURCES = sorted(p.name for p in (ROOT / "csrc").glob("*.cpp"))
+# The C++ sources with per-architecture code: target_clones, through the guard of csrc/device_macros.h.
+GUARDED_CPU_SOURCES = [s for s in CPU_SOURCES
+                       if any(word in (ROOT / "csrc" / s).read_text() for word in ("AUTOSELECT_TARGET_CLONES",
+                                                                                   "target_clones"))]
+# Defined while checking the non-x86 branch: any `target_clones` left outside the guard then stops the
+# compile with this message (an x86 compiler accepts it, an aarch64 one rejects "arch=x86-64-v4").
+TARGET_CLONES_TRAP = ('-Dtarget_clones(...)=_Pragma("GCC error \\"target_clones outside the '
+                      'AUTOSELECT_TARGET_CLONES guard of csrc/device_macros.h: it breaks the build on aarch64\\"")')
+
+
+def _jobs() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return max(1, os.cpu_count() or 1)
+
+
+def _run_parallel(commands: dict) -> dict:
+    """{name: argv} -> {name: CompletedProcess}, as many at a time as there are cores."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(commands), _jobs()) or 1) as pool:
+        futures = {name: pool.submit(subprocess.run, argv, capture_output=True, text=True)
+                   for name, argv in commands.items()}
+        return {name: future.result() for name, future in futures.items()}
+
+
+def _torch_compile_flags():
+    """Include paths and defines with which setup.py's build compiles the C++ sources."""
+    from torch.utils.cpp_extension import include_paths
+
+    includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    return [*includes, abi]
 
 
 def test_extension_loads_and_reports_build():
@@ -25,6 +65,48 @@ def test_extension_loads_and_reports_build():
     assert info["version"] == autoselect.__version__
     assert info["torch_version"] == torch.__version__
     assert info["cuda"] == (torch.version.cuda is not None and info["cuda_archs"] != "")
+
+
+@pytest.fixture(scope="session")
+def non_x86_compiles():
+    """The C++ sources compiled by the host g++ on the branch that other architectures take: the guard
+    switched off by AUTOSELECT_NO_TARGET_CLONES, with the trap for unguarded target_clones. (-U__x86_64__
+    is no way to get there: glibc's headers then look for the 32-bit stubs.) The sources that use the
+    guard are checked fully (-fsyntax-only, same flags as the build); the others are preprocessed, which
+    is where the trap fires."""
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"{cxx} not found")
+    flags = [*_torch_compile_flags(), "-fPIC", *_build_flags.CXX_FLAGS,
+             *_build_flags.defines(autoselect.__version__, torch.__version__),
+             "-DAUTOSELECT_NO_TARGET_CLONES", TARGET_CLONES_TRAP]
+    return _run_parallel({source: [cxx, "-fsyntax-only" if source in GUARDED_CPU_SOURCES else "-E",
+                                   *flags, str(ROOT / "csrc" / source), *([] if source in GUARDED_CPU_SOURCES
+                                                                          else ["-o", os.devnull])]
+                          for source in CPU_SOURCES})
+
+
+@pytest.mark.parametrize("source", CPU_SOURCES)
+def test_cpu_sources_compile_without_x86_target_clones(source, non_x86_compiles):
+    """`pip install` on aarch64: no x86-only target_clones outside the guard, and the other branch compiles."""
+    result = non_x86_compiles[source]
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_guarded_cpu_sources_compile_for_aarch64():
+    """The same with a real aarch64 cross compiler (apt's g++-aarch64-linux-gnu), where one is installed:
+    code generation, where GCC rejects target_clones("arch=x86-64-v4") for aarch64, at -O0 (the check
+    does not depend on optimisation, and -O3 would only cost time)."""
+    cross = shutil.which("aarch64-linux-gnu-g++")
+    if cross is None:
+        pytest.skip("aarch64-linux-gnu-g++ not installed (apt-get install g++-aarch64-linux-gnu); the host "
+                    "compiler's check of the non-x86 branch above still runs")
+    flags = [*_torch_compile_flags(), "-fPIC", *_build_flags.CXX_FLAGS,
+             *_build_flags.defines(autoselect.__version__, torch.__version__), "-O0"]
+    results = _run_parallel({source: [cross, "-S", "-o", os.devnull, *flags, str(ROOT / "csrc" / source)]
+                             for source in GUARDED_CPU_SOURCES})
+    for source, result in results.items():
+        assert result.returncode == 0, f"{source}:\n{result.stderr[-4000:]}"
 
 
 def _nvcc():
@@ -46,27 +128,40 @@ def _triton_tool(name):
     return str(path) if path.exists() else None
 
 
-@pytest.mark.parametrize("source", sorted(p.name for p in (ROOT / "csrc").glob("*.cu")))
-def test_cuda_sources_compile_with_nvcc(source, tmp_path):
+@pytest.fixture(scope="session")
+def nvcc_objects(tmp_path_factory):
+    """Every CUDA source compiled once for this session: one nvcc call per file for all of ARCHS (the
+    flags of setup.py's build), the files in parallel, a file's archs in parallel when cores are left.
+    {source: (CompletedProcess, object path)}."""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("nvcc not found (neither on PATH nor under CUDA_HOME): the CUDA compile check needs it")
     from torch.utils.cpp_extension import include_paths
 
-    includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
+    folder = tmp_path_factory.mktemp("nvcc")
+    includes = _torch_compile_flags()
     # A CPU build of torch ships the c10/cuda headers but not the one header that CMake generates for
     # CUDA builds; this stand-in has the content CUDA builds generate.
-    generated = tmp_path / "include" / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
     if not any(Path(p, "c10/cuda/impl/cuda_cmake_macros.h").exists() for p in include_paths()):
+        generated = folder / "include" / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
         generated.parent.mkdir(parents=True)
         generated.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
-        includes.append(f"-I{tmp_path / 'include'}")
-    abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+        includes.append(f"-I{folder / 'include'}")
     defines = _build_flags.defines(autoselect.__version__, torch.__version__, ARCHS)
-    out = tmp_path / (source + ".o")
-    cmd = [nvcc, "-c", str(ROOT / "csrc" / source), "-o", str(out), *includes, abi, *defines,
-           *_build_flags.nvcc_flags(ARCHS), "-Xcompiler", "-fPIC"]
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    threads = max(1, _jobs() // max(1, len(CUDA_SOURCES)))
+    commands, objects = {}, {}
+    for source in CUDA_SOURCES:
+        objects[source] = folder / (source + ".o")
+        commands[source] = [nvcc, "-c", str(ROOT / "csrc" / source), "-o", str(objects[source]), *includes,
+                            *defines, *_build_flags.nvcc_flags(ARCHS), "-Xcompiler", "-fPIC",
+                            "--threads", str(threads)]
+    results = _run_parallel(commands)
+    return {source: (results[source], objects[source]) for source in CUDA_SOURCES}
+
+
+@pytest.mark.parametrize("source", CUDA_SOURCES)
+def test_cuda_sources_compile_with_nvcc(source, nvcc_objects):
+    result, out = nvcc_objects[source]
     assert result.returncode == 0, result.stderr[-4000:]
     assert out.stat().st_size > 0
     cuobjdump = shutil.which("cuobjdump") or _triton_tool("cuobjdump")
@@ -77,31 +172,55 @@ def test_cuda_sources_compile_with_nvcc(source, tmp_path):
             assert f"sm_{arch}" in listing.stdout, listing.stdout
 
 
-@pytest.mark.parametrize("arch", [80, 90])
-def test_triton_kernels_compile_ahead_of_time(arch, tmp_path):
-    """Compiled by Triton's own ptxas in a fresh process without TRITON_INTERPRET."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    code = ("import sys; from autoselect.triton_kernels import compile_ahead_of_time as c; "
-            f"r = c({arch}); print(len(r), min(size for _, _, size in r))")
-    # From an empty folder, so that the installed package is imported, not the source tree.
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-4000:]
-    count, smallest = (int(v) for v in result.stdout.split())
-    assert count >= 12 and smallest > 0
+def _source_files():
+    """The files of the source tree that a clone or an sdist has: git's tracked and untracked-but-not-
+    ignored files when this is a git checkout, else everything but the usual build and cache outputs."""
+    listing = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
+                             capture_output=True, text=True) if shutil.which("git") else None
+    if listing is not None and listing.returncode == 0 and listing.stdout:
+        return [ROOT / name for name in listing.stdout.split("\0") if name]
+    skip = {".git", ".venv", "build", "__pycache__", ".pytest_cache", ".benchmarks", "data", "checkpoints", "demo"}
+    return [p for p in ROOT.rglob("*") if p.is_file() and not skip.intersection(p.relative_to(ROOT).parts)
+            and not p.name.endswith((".so", ".o", ".pyc")) and ".egg-info" not in str(p)]
+
+
+def _build_outputs():
+    """What a build in the source tree would leave there, with modification times."""
+    paths = [ROOT / "build", *ROOT.glob("*.egg-info"), *(ROOT / "autoselect").glob("_C*")]
+    return {str(p): p.stat().st_mtime_ns for p in paths if p.exists()}
 
 
 def test_wheel_holds_extension_and_namespaced_triton_kernels(tmp_path):
     """`pip wheel` (what `pip install .` installs) packs autoselect._C and the Triton kernels as
-    autoselect.triton_kernels, and no top-level `triton_kernels` (a name other packages use)."""
+    autoselect.triton_kernels, and no top-level `triton_kernels` (a name other packages use).
+
+    Built from a copy of the source tree (pip builds in the tree it is given; the source tree stays as
+    it was) with setup.py's own configuration; the build_ext step packs the extension that `make
+    install` compiled (AUTOSELECT_PREBUILT_EXTENSION) instead of compiling it again: that compile is
+    checked by test_extension_loads_and_reports_build. The wheel lacks _C if setup.py stops declaring
+    it (build_ext packs only declared extensions, and refuses a file not named as the one it would build)."""
+    import importlib
     import zipfile
 
-    env = {**os.environ, "MAX_JOBS": os.environ.get("MAX_JOBS", "2")}
+    assert _ext.build_info() is not None, _ext.extension_error()
+    prebuilt = Path(importlib.import_module("autoselect._C").__file__)
+    before = _build_outputs()
+    source = tmp_path / "src"
+    for path in _source_files():
+        if path.is_file():
+            (source / path.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, source / path.relative_to(ROOT))
+    env = {**os.environ, "AUTOSELECT_PREBUILT_EXTENSION": str(prebuilt)}
     result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
-                             "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True, env=env)
+                             "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stderr[-4000:]
-    (wheel, ) = tmp_path.glob("autoselect-*.whl")
-    names = zipfile.ZipFile(wheel).namelist()
-    assert any(n.startswith("autoselect/_C") and n.endswith(".so") for n in names), names
+    (wheel, ) = (tmp_path / "dist").glob("autoselect-*.whl")
+    archive = zipfile.ZipFile(wheel)
+    names = archive.namelist()
+    assert f"autoselect/{prebuilt.name}" in names, names
+    assert archive.read(f"autoselect/{prebuilt.name}") == prebuilt.read_bytes()
     assert "autoselect/triton_kernels/noise_gate.py" in names
     assert "autoselect/ops/noise_gate.py" in names
     assert not any(n.startswith("triton_kernels/") for n in names)
+    assert _build_outputs() == before, "building the wheel wrote into the source tree"
+

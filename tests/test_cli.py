@@ -31,6 +31,7 @@ def test_info_shows_cpp_backend_on_cpu():
     if not torch.cuda.is_available():
         assert "GPU: none" in out
         assert "cuda: CUDA kernels need a CUDA device" in row
+    assert "limits: triton serves head dims d <= 128" in out  # diag_attention's note from backends()
 
 
 def test_backends_api():

@@ -210,7 +210,41 @@ def test_bad_input(args, error, match):
         module(kwargs["z"], kwargs["alpha"])
 
 
-@pytest.mark.parametrize("kwargs", [dict(heads=0), dict(memory_slots=0), dict(head_dim=2.5), dict(dim=True)])
+@pytest.mark.parametrize("kwargs", [dict(heads=0), dict(memory_slots=-1), dict(head_dim=2.5), dict(dim=True)])
 def test_bad_configuration(kwargs):
-    with pytest.raises(ValueError, match="must be a positive int"):
+    with pytest.raises(ValueError, match=r"must be an int >= [01]"):
         Denoiser(**{"dim": 8, **kwargs})
+
+
+@pytest.mark.parametrize("variant", [dict(memory_slots=0), dict(memory_slots=0, attention="global")])
+def test_variants_start_as_identity_and_train(variant):
+    torch.manual_seed(0)
+    module = Denoiser(24, heads=2, head_dim=8, **variant)
+    assert not hasattr(module, "memory_k")
+    z, alpha = torch.randn(2, 9, 24), torch.rand(2, 9)
+    torch.testing.assert_close(module(z, alpha), z)
+    for layer in (module.modulation, module.proj, module.mlp[-1]):
+        torch.nn.init.normal_(layer.weight, std=0.1)
+    module(z, alpha).square().sum().backward()
+    assert module.to_v.weight.grad.abs().sum() > 0
+
+
+def test_identity_block_and_global_attention_leak_as_designed():
+    """memory_slots=0 (the PAPER identity mask) keeps tokens apart, as the memory variant does;
+    attention="global" lets a change of token j reach token i (the leaking ablation)."""
+    z, alpha = torch.randn(1, 8, 24), torch.rand(1, 8)
+    changed = z.clone()
+    changed[0, 5] += torch.randn(24)  # not a constant shift, which the LayerNorm removes
+    for variant, leaks in ((dict(memory_slots=0), False), (dict(memory_slots=4), False),
+                           (dict(memory_slots=0, attention="global"), True)):
+        torch.manual_seed(0)
+        module = Denoiser(24, heads=2, head_dim=8, **variant)
+        for layer in (module.modulation, module.proj, module.mlp[-1]):
+            torch.nn.init.normal_(layer.weight, std=0.1)
+        with torch.no_grad():
+            moved = (module(changed, alpha) - module(z, alpha))[0, torch.arange(8) != 5].abs().max()
+        assert (moved > 1e-4) == leaks, variant
+    with pytest.raises(ValueError, match="no memory"):
+        Denoiser(24, attention="global")
+    with pytest.raises(ValueError, match="'diagonal' or 'global'"):
+        Denoiser(24, attention="sparse")

@@ -223,8 +223,9 @@ def test_fused_path_allocates_no_logits():
     """Forward and backward through the Triton kernels allocate no tensor of the size of the
     (B, N, H, 1+M) logits or the (B, N, H, M) memory logits; the reference (the control) does."""
     # B*N*H*4 = 512 bytes: every size is a multiple of the CUDA allocator's rounding, and the logit sizes
-    # (6 and 5 units) differ from all the others (out: 32 units, lse: 1, memory gradients: 2.5).
-    B, N, H, d, M = shape = (2, 32, 2, 32, 5)
+    # (6 and 5 units) differ from all the others (out: 16 units, lse: 1, memory gradients: 1.25, their
+    # partial sums over at most 3 token chunks: 3.75 at most).
+    B, N, H, d, M = shape = (2, 32, 2, 16, 5)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # Triton: compiled, or its interpreter
     inputs = [t.requires_grad_(True) for t in make_inputs(shape, torch.float32, device)]
     logit_bytes = {4 * B * N * H * (1 + M), 4 * B * N * H * M}
@@ -337,17 +338,59 @@ def test_gpu_triton_at_denoiser_shape():
 
 
 def test_kernels_listed_for_ahead_of_time_compilation():
-    """tests/test_build.py compiles every variant listed here for sm_80 and sm_90 (Triton's ptxas):
-    the three kernels, in fp32, fp16 and bf16, at head dims 32, 64 and 128."""
+    """tests/test_triton_aot.py compiles every variant listed here for sm_80 and sm_90 (Triton's ptxas):
+    the three kernels, in fp32, fp16, bf16 and fp64, at head-dim blocks 32, 64 and 128, with the launch
+    options of `launch_config`."""
     from autoselect.triton_kernels import aot, diag_attention as kernels
 
     assert "diag_attention" in aot.OPS
     specs = kernels.aot_specs()
-    names = {kernel.__name__ for kernel, _, _ in specs}
+    names = {kernel.__name__ for kernel, *_ in specs}
     assert names == {"_diag_attention_forward_kernel", "_diag_attention_backward_kernel",
                      "_diag_attention_memory_backward_kernel"}
-    assert {signature["q_ptr"] for _, signature, _ in specs} == {"*fp32", "*fp16", "*bf16"}
-    assert {constexprs["BLOCK_D"] for _, _, constexprs in specs} == {32, 64, 128}
-    assert not any(constexprs["DOT_UPCAST"] for _, _, constexprs in specs)
-    for kernel, signature, _ in specs:  # every argument of the kernel is typed, in order
+    assert {signature["q_ptr"] for _, signature, *_ in specs} == {"*fp32", "*fp16", "*bf16", "*fp64"}
+    assert {constexprs["BLOCK_D"] for _, _, constexprs, *_ in specs} == {32, 64, 128}
+    assert not any(constexprs["DOT_UPCAST"] for _, _, constexprs, *_ in specs)
+    for kernel, signature, _, options, hints in specs:  # every argument of the kernel is typed, in order
         assert list(signature) == kernel.arg_names, kernel.__name__
+        assert set(options) == {"num_warps", "num_stages"}
+        assert set(hints) <= set(signature)
+
+
+def test_launch_config_serves_head_dims_up_to_the_limit():
+    from autoselect.triton_kernels import diag_attention as kernels
+
+    assert kernels.MAX_HEAD_DIM == 128
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        for d in (1, 5, 32, 33, 40, 64, 100, 128):
+            assert kernels.unsupported(dtype, d) is None
+            config = kernels.launch_config(dtype, d)
+            assert config.block_d == max(32, 1 << (d - 1).bit_length())
+            for name in kernels.KERNELS:
+                kernel = getattr(config, name)
+                assert kernel.block_t >= 16 and kernel.block_m >= 16  # tl.dot's smallest block
+        assert "d = 129 > 128" in kernels.unsupported(dtype, 129)
+        with pytest.raises(ValueError, match="head dim d = 256"):
+            kernels.launch_config(dtype, 256)
+
+
+@pytest.mark.parametrize("device,backend", [c for c in CASES if c.values[1] == "triton"])
+def test_wide_heads_run_on_the_reference(device, backend):
+    """A head dim above the kernels' limit runs on the reference (forward and backward), says so once in a
+    warning, and `autoselect.backends()` states the limit."""
+    import importlib
+
+    import autoselect
+
+    op = importlib.import_module("autoselect.ops.diag_attention")
+    op.KERNELS._warned.clear()
+    inputs = [t.requires_grad_(True) for t in make_inputs((1, 3, 2, 160, 4), torch.float32, device, seed=14)]
+    with pytest.warns(UserWarning, match="head dim d = 160 > 128.*reference"):
+        out = run_backend(backend, *inputs)
+    with force_backend(backend):
+        out.square().sum().backward()
+    expected = forward_backward(lambda *a: diag_attention_ref(*a).square(), inputs, torch.ones_like(out))
+    torch.testing.assert_close(out, diag_attention_ref(*inputs))
+    for name, t, e in zip(NAMES, inputs, expected[1:]):  # the written-out backward against autograd
+        torch.testing.assert_close(t.grad, e, rtol=1e-5, atol=1e-4, msg=name)
+    assert "d <= 128" in autoselect.backends(device)["diag_attention"]["limits"]

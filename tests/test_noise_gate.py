@@ -78,6 +78,28 @@ def test_seeded_matches_reference_noise(device, backend):
         torch.testing.assert_close(z.double(), formula(x, alpha, mean, std, noise), rtol=1e-5, atol=3e-5)
 
 
+@pytest.mark.parametrize("seed,offset", [(7, (1 << 32) - 5), (123456789, 5 * (1 << 32) + 3),
+                                         ((1 << 40) + 11, (1 << 62) + 1)], ids=["across-2^32", "5*2^32", "2^62"])
+@pytest.mark.parametrize("device,backend", CASES)
+def test_seeded_noise_at_64_bit_offsets(device, backend, seed, offset):
+    """Counters at and beyond 2^32 (and seeds beyond 2^32) still give the contract's noise: Philox4x32-10
+    on (lo32, hi32, 0, 0) of the 64-bit counter, not another generator. The first case crosses 2^32
+    inside the tensor. Both noise layouts of the Triton kernel: D % 4 == 0 and odd D; and the
+    backward, which draws the noise again."""
+    for shape in [(2, 9, 64), (3, 7, 5)]:
+        x, alpha, mean, std, _ = make_inputs(shape, torch.float32, device, seed=2)
+        noise = gate_noise_ref(x.numel(), seed, offset, device=device).reshape(shape)
+        z = run_backend(backend, x, alpha, mean, std, seed=seed, offset=offset)
+        torch.testing.assert_close(z.double(), formula(x, alpha, mean, std, noise), rtol=1e-5, atol=3e-5)
+        alpha_ = alpha.clone().requires_grad_(True)
+        grad = torch.randn(shape, generator=torch.Generator().manual_seed(3)).to(device)
+        with force_backend(backend):
+            noise_gate(x, alpha_, mean, std, seed=seed, offset=offset).backward(grad)
+        alpha_ref = alpha.clone().requires_grad_(True)
+        noise_gate_ref(x, alpha_ref, mean, std, noise=noise).backward(grad)
+        torch.testing.assert_close(alpha_.grad, alpha_ref.grad, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("device,backend", CASES)
 def test_alpha_endpoints(device, backend):
     """alpha = 1 passes tokens through; alpha = 0 gives mean + std * eps, whatever x is."""
@@ -341,6 +363,29 @@ def test_gpu_backends_agree_at_llava_shape():
                                    atol=1e-3)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_kernels_launch_on_the_tensors_device(backend):
+    """x on cuda:1 while cuda:0 is current: the kernels run on cuda:1 (launched under a device guard),
+    forward and backward, and give the reference's result."""
+    x, alpha, mean, std, _ = make_inputs((2, 40, 64), torch.float32, "cuda:1", seed=10)
+    grad = torch.randn_like(x)
+    noise = gate_noise_ref(x.numel(), 17, 3, device=x.device).reshape(x.shape)
+    alpha_ = alpha.clone().requires_grad_(True)
+    with torch.cuda.device(0), force_backend(backend):
+        assert torch.cuda.current_device() == 0
+        z = noise_gate(x, alpha_, mean, std, seed=17, offset=3)
+        z.backward(grad)
+    torch.cuda.synchronize(1)
+    assert z.device == x.device and alpha_.grad.device == x.device
+    alpha_ref = alpha.clone().requires_grad_(True)
+    z_ref = noise_gate_ref(x, alpha_ref, mean, std, noise=noise)
+    z_ref.backward(grad)
+    torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=3e-5)
+    torch.testing.assert_close(alpha_.grad, alpha_ref.grad, rtol=1e-4, atol=1e-4)
+
+
 def test_zero_width_tokens():
     x, alpha = torch.randn(2, 3, 0), torch.rand(2, 3, requires_grad=True)
     for backend in ("cpp", "reference"):
@@ -352,10 +397,26 @@ def test_zero_width_tokens():
         alpha.grad = None
 
 
-def test_value_checks_can_be_skipped(monkeypatch):
+def test_value_checks_are_device_asserts_with_a_debug_mode(monkeypatch):
+    """The alpha check never reads alpha on the host (a device-side assert, which on the CPU raises at
+    once); AUTOSELECT_DEBUG_CHECKS=1 checks on the host and says what was wrong."""
     x, alpha, mean, std, _ = make_inputs((1, 2, 4), torch.float32, "cpu")
-    monkeypatch.setenv("AUTOSELECT_SKIP_VALUE_CHECKS", "1")
-    noise_gate(x, torch.full((1, 2), 1.5), mean, std, seed=1)  # no check, no error
-    monkeypatch.setenv("AUTOSELECT_SKIP_VALUE_CHECKS", "0")
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    monkeypatch.delenv("AUTOSELECT_DEBUG_CHECKS", raising=False)
+    with pytest.raises(ValueError, match=r"\[0, 1\].*AUTOSELECT_DEBUG_CHECKS=1"):
         noise_gate(x, torch.full((1, 2), 1.5), mean, std, seed=1)
+    monkeypatch.setenv("AUTOSELECT_DEBUG_CHECKS", "1")
+    with pytest.raises(ValueError, match=r"2 value\(s\) outside, e.g. \[1.5, 1.5\]"):
+        noise_gate(x, torch.full((1, 2), 1.5), mean, std, seed=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reference_at_low_precision_has_no_nan_at_alpha_one(dtype):
+    """noise_gate_ref(compute_dtype=fp16/bf16), the baseline of the error rule: alpha that rounds to 1
+    at that precision gives x itself, not 0 / 0 in the derivative term."""
+    x, _, mean, std, _ = make_inputs((2, 3, 8), torch.float32, "cpu")
+    alpha = torch.tensor([[1.0, 1 - 1e-7, 0.5], [0.0, 0.9999, 0.3]], requires_grad=True)
+    z = noise_gate_ref(x.to(dtype), alpha, mean, std, seed=1, compute_dtype=dtype)
+    assert not bool(z.isnan().any())
+    torch.testing.assert_close(z[0, 0], x[0, 0].to(dtype), rtol=2e-2, atol=2e-2)  # mean + (x - mean), rounded
+    z.float().sum().backward()
+    assert bool(torch.isfinite(alpha.grad).all())

@@ -127,9 +127,12 @@ def test_bad_k(k, error, match):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_scores_are_an_error(bad):
+def test_non_finite_scores_are_an_error(bad, monkeypatch):
     x, scores = make(2, 10, 4, torch.float32, seed=0)
     scores[1, 3] = bad
+    with pytest.raises(ValueError, match="finite.*AUTOSELECT_DEBUG_CHECKS"):
+        select_topk(x, scores, 3)
+    monkeypatch.setenv("AUTOSELECT_DEBUG_CHECKS", "1")
     with pytest.raises(ValueError, match="finite.*flat position 13"):
         select_topk(x, scores, 3)
     with pytest.raises(ValueError, match="finite"):
@@ -172,7 +175,7 @@ def test_compiled_kernel_checks_its_inputs():
 
 def make_scorer(D, H, seed):
     torch.manual_seed(seed)
-    scorer = autoselect.Scorer(D, H)
+    scorer = autoselect.Scorer(D, layers=0, hidden=H)
     with torch.no_grad():  # a non-trivial LayerNorm affine, so that the folding is exercised
         scorer.norm.weight.uniform_(0.5, 1.5)
         scorer.norm.bias.normal_(0, 0.3)

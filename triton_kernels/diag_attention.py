@@ -29,6 +29,7 @@ the operands of tl.dot are upcast to float32 there (DOT_UPCAST).
 
 import contextlib
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -180,6 +181,92 @@ def _diag_attention_memory_backward_kernel(grad_ptr, q_ptr, mem_k_ptr, mem_v_ptr
 
 
 # ----------------------------------------------------------------------------------------------------
+# Launch configurations: one table, used by the launcher and by the ahead-of-time compile check
+# ----------------------------------------------------------------------------------------------------
+
+# The largest head dim the kernels serve. Wider heads run on the reference (the op says so in
+# `autoselect.backends()`): their float32 and float64 blocks would not fit a block's registers and shared
+# memory without shrinking the tiles below what tl.dot accepts (16).
+MAX_HEAD_DIM = 128
+
+LIMITS = (f"triton serves head dims d <= {MAX_HEAD_DIM} (float32, float16, bfloat16, float64); wider heads "
+          f"run on the reference (their tiles would not fit a GPU block's registers and shared memory)")
+
+KERNELS = ("forward", "backward", "memory_backward")
+
+
+class KernelConfig(NamedTuple):
+    """Launch parameters of one kernel: token block, memory-slot block, warps, software-pipeline stages."""
+    block_t: int
+    block_m: int
+    num_warps: int
+    num_stages: int
+
+
+class LaunchConfig(NamedTuple):
+    """Head-dim block (d padded to a power of two, at least 32) and the parameters of the three kernels."""
+    block_d: int
+    forward: KernelConfig
+    backward: KernelConfig
+    memory_backward: KernelConfig
+
+
+_DTYPE_CLASS = {torch.float16: "16-bit", torch.bfloat16: "16-bit", torch.float32: "fp32", torch.float64: "fp64"}
+
+# (dtype class, BLOCK_D) -> (forward, backward, memory backward), each (BLOCK_T, BLOCK_M, num_warps,
+# num_stages). Chosen by compiling for sm_80 and sm_90 and reading registers, spills and shared memory
+# (tests/test_triton_aot.py compiles every entry and checks them against the shared memory a block may
+# use, 163 KiB on sm_80 and 227 KiB on sm_90, and for spills). float32 runs three tf32 products per
+# dot (tf32x3) and float64 twice-wide registers, so their tiles are smaller than the 16-bit ones.
+_CONFIGS = {
+    ("16-bit", 32): ((64, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 3)),
+    ("16-bit", 64): ((64, 64, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3)),
+    ("16-bit", 128): ((32, 64, 8, 3), (16, 64, 8, 3), (32, 64, 8, 3)),
+    ("fp32", 32): ((64, 32, 8, 2), (64, 32, 8, 2), (32, 16, 4, 2)),
+    ("fp32", 64): ((32, 32, 8, 2), (16, 32, 4, 2), (16, 32, 4, 2)),
+    ("fp32", 128): ((16, 32, 8, 1), (16, 32, 8, 1), (16, 32, 8, 1)),
+    ("fp64", 32): ((32, 32, 8, 2), (16, 32, 8, 2), (32, 32, 8, 2)),
+    ("fp64", 64): ((16, 32, 8, 2), (16, 32, 8, 2), (16, 32, 8, 2)),
+    ("fp64", 128): ((16, 16, 8, 2), (16, 32, 8, 1), (16, 32, 8, 1)),
+}
+
+
+def _block_d(d: int) -> int:
+    # tl.dot needs every block dimension >= 16; head dims up to 32 share the 32-wide kernels.
+    return max(32, triton.next_power_of_2(d))
+
+
+def unsupported(dtype: torch.dtype, d: int) -> Optional[str]:
+    """Why the kernels cannot serve q of `dtype` with head dim `d` (one line), or None when they can.
+    The number of memory slots M and of tokens never matters: both are walked in blocks."""
+    if dtype not in _DTYPE_CLASS:
+        return f"no Triton kernel for dtype {dtype}"
+    if d > MAX_HEAD_DIM:
+        return (f"head dim d = {d} > {MAX_HEAD_DIM}, the widest the Triton kernels serve (their tiles would "
+                f"not fit a GPU block's registers and shared memory)")
+    return None
+
+
+def launch_config(dtype: torch.dtype, d: int) -> LaunchConfig:
+    """The blocks, warps and stages of the three kernels for q of `dtype` and head dim `d`. The launcher
+    and `aot_specs` both read this, so the ahead-of-time check compiles what is launched. Raises
+    ValueError (with the reason of `unsupported`) for inputs the kernels do not serve."""
+    reason = unsupported(dtype, d)
+    if reason is not None:
+        raise ValueError(f"diag_attention: {reason}")
+    block_d = _block_d(d)
+    forward, backward, memory_backward = (KernelConfig(*c) for c in _CONFIGS[(_DTYPE_CLASS[dtype], block_d)])
+    return LaunchConfig(block_d, forward, backward, memory_backward)
+
+
+def served_configs():
+    """[(dtype, d)] with one head dim per distinct launch configuration: every dtype the op accepts at
+    d = 32, 64 and 128 (the BLOCK_D of every head dim up to MAX_HEAD_DIM)."""
+    return [(dtype, d) for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+            for d in (32, 64, MAX_HEAD_DIM)]
+
+
+# ----------------------------------------------------------------------------------------------------
 # Host functions
 # ----------------------------------------------------------------------------------------------------
 
@@ -199,12 +286,9 @@ def _device_of(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _config(d: int, M: int):
-    """(BLOCK_T, BLOCK_M, BLOCK_D, num_warps): tl.dot needs every block dimension >= 16."""
-    block_d = max(16, triton.next_power_of_2(d))
-    block_m = min(64, max(16, triton.next_power_of_2(M)))
-    block_t = 64 if block_d <= 64 else 32
-    return block_t, block_m, block_d, 4 if block_d <= 64 else 8
+def _meta(config: LaunchConfig, kernel: KernelConfig, q: torch.Tensor):
+    return dict(BLOCK_T=kernel.block_t, BLOCK_M=kernel.block_m, BLOCK_D=config.block_d, DOT_UPCAST=_dot_upcast(q),
+                PRECISION=_precision(q.dtype), num_warps=kernel.num_warps, num_stages=kernel.num_stages)
 
 
 def _memory_chunks(n_tokens: int, H: int, M: int, block_t: int, block_m: int, device: torch.device) -> int:
@@ -221,21 +305,21 @@ def _memory_chunks(n_tokens: int, H: int, M: int, block_t: int, block_m: int, de
 
 def diag_attention_forward(q, k, v, mem_k, mem_v, bias):
     """(out, lse) for contiguous q, k, v (T, H, d) or (B, N, H, d), mem_k, mem_v (H, M, d) in the dtype
-    of q, and bias (..., H) in the op-math dtype (float32, or float64 for float64 q)."""
+    of q, and bias (..., H) in the op-math dtype (float32, or float64 for float64 q). Raises ValueError
+    for a dtype or head dim the kernels do not serve (`unsupported`)."""
     H, d = q.shape[-2], q.shape[-1]
     M = mem_k.shape[1]
+    config = launch_config(q.dtype, d)
     n_tokens = q.numel() // (H * d) if H * d else 0
     out = q.new_empty(q.shape)
     lse = bias.new_empty(bias.shape)
     if n_tokens == 0 or out.numel() == 0:
         return out, lse
-    block_t, block_m, block_d, num_warps = _config(d, M)
-    grid = (triton.cdiv(n_tokens, block_t), H)
+    grid = (triton.cdiv(n_tokens, config.forward.block_t), H)
     with _device_of(q):
         _diag_attention_forward_kernel[grid](
-            q, k, v, mem_k, mem_v, bias, out, lse, n_tokens, H, M, d, 1.0 / math.sqrt(d), BLOCK_T=block_t,
-            BLOCK_M=block_m, BLOCK_D=block_d, DOT_UPCAST=_dot_upcast(q), PRECISION=_precision(q.dtype),
-            num_warps=num_warps)
+            q, k, v, mem_k, mem_v, bias, out, lse, n_tokens, H, M, d, 1.0 / math.sqrt(d),
+            **_meta(config, config.forward, q))
     return out, lse
 
 
@@ -244,57 +328,71 @@ def diag_attention_backward(grad, q, k, v, mem_k, mem_v, bias, out, lse):
     `grad` of out; the memory gradients are summed over every token (deterministically)."""
     H, d = q.shape[-2], q.shape[-1]
     M = mem_k.shape[1]
+    config = launch_config(q.dtype, d)
     n_tokens = q.numel() // (H * d) if H * d else 0
     grad_q, grad_k, grad_v = q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
     grad_bias = bias.new_empty(bias.shape)
     if n_tokens == 0 or q.numel() == 0:
         grad_bias.zero_()
         return grad_q, grad_k, grad_v, torch.zeros_like(mem_k), torch.zeros_like(mem_v), grad_bias
-    block_t, block_m, block_d, num_warps = _config(d, M)
-    meta = dict(BLOCK_T=block_t, BLOCK_M=block_m, BLOCK_D=block_d, DOT_UPCAST=_dot_upcast(q),
-                PRECISION=_precision(q.dtype), num_warps=num_warps)
     scale = 1.0 / math.sqrt(d)
     delta = torch.empty_like(lse)
-    chunks = _memory_chunks(n_tokens, H, M, block_t, block_m, q.device)
-    tokens_per_chunk = triton.cdiv(triton.cdiv(n_tokens, chunks), block_t) * block_t
+    mem_cfg = config.memory_backward
+    chunks = _memory_chunks(n_tokens, H, M, mem_cfg.block_t, mem_cfg.block_m, q.device)
+    tokens_per_chunk = triton.cdiv(triton.cdiv(n_tokens, chunks), mem_cfg.block_t) * mem_cfg.block_t
     chunks = triton.cdiv(n_tokens, tokens_per_chunk)
     part_k = lse.new_empty((chunks, H, M, d))
     part_v = lse.new_empty((chunks, H, M, d))
     with _device_of(q):
-        _diag_attention_backward_kernel[(triton.cdiv(n_tokens, block_t), H)](
+        _diag_attention_backward_kernel[(triton.cdiv(n_tokens, config.backward.block_t), H)](
             grad, q, k, v, mem_k, mem_v, bias, out, lse, grad_q, grad_k, grad_v, grad_bias, delta, n_tokens, H,
-            M, d, scale, **meta)
-        _diag_attention_memory_backward_kernel[(triton.cdiv(M, block_m), H, chunks)](
+            M, d, scale, **_meta(config, config.backward, q))
+        _diag_attention_memory_backward_kernel[(triton.cdiv(M, mem_cfg.block_m), H, chunks)](
             grad, q, mem_k, mem_v, lse, delta, part_k, part_v, n_tokens, tokens_per_chunk, H, M, d, scale,
-            **meta)
+            **_meta(config, mem_cfg, q))
     grad_mem_k = part_k.sum(0).to(mem_k.dtype)
     grad_mem_v = part_v.sum(0).to(mem_v.dtype)
     return grad_q, grad_k, grad_v, grad_mem_k, grad_mem_v, grad_bias
 
 
+_TRITON_TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+
 def aot_specs():
-    """(kernel, signature, constexprs) triples covering the kernels' launch variants, for the
-    ahead-of-time compilation check (triton_kernels/aot.py) on machines without a GPU: the three
-    kernels in fp32, fp16 and bf16 at head dim 64, and in bf16 at head dims 32 and 128 (M = 64)."""
-    variants = [(ptr, 64) for ptr in ("fp32", "fp16", "bf16")] + [("bf16", 32), ("bf16", 128)]
-    dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    """(kernel, signature, constexprs, options, hints) for every launch configuration the launcher can
+    choose (`served_configs`: each dtype at d = 32, 64, 128), for the ahead-of-time compile check
+    (triton_kernels/aot.py): the constexprs and options (num_warps, num_stages) are those of
+    `launch_config`. `hints` names the integer and pointer arguments that a typical launch specialises as
+    divisible by 16 (16-byte aligned tensors, d = BLOCK_D, M and the token chunk multiples of 16), so the
+    compile sees the code a launch at the Denoiser's shapes gets."""
     specs = []
-    for ptr, d in variants:
-        block_t, block_m, block_d, _ = _config(d, 64)
-        constexprs = {"BLOCK_T": block_t, "BLOCK_M": block_m, "BLOCK_D": block_d, "DOT_UPCAST": False,
-                      "PRECISION": _precision(dtypes[ptr])}
+    for dtype, d in served_configs():
+        config = launch_config(dtype, d)
+        ptr = f"*{_TRITON_TYPES[dtype]}"
+        opmath = "*fp64" if dtype == torch.float64 else "*fp32"
         sizes = {"n_tokens": "i32", "H": "i32", "M": "i32", "d": "i32", "scale": "fp32"}
-        tail = {**sizes, **{name: "constexpr" for name in constexprs}}
-        fwd_sig = {"q_ptr": f"*{ptr}", "k_ptr": f"*{ptr}", "v_ptr": f"*{ptr}", "mem_k_ptr": f"*{ptr}",
-                   "mem_v_ptr": f"*{ptr}", "bias_ptr": "*fp32", "out_ptr": f"*{ptr}", "lse_ptr": "*fp32", **tail}
-        specs.append((_diag_attention_forward_kernel, fwd_sig, constexprs))
-        bwd_sig = {"grad_ptr": f"*{ptr}", "q_ptr": f"*{ptr}", "k_ptr": f"*{ptr}", "v_ptr": f"*{ptr}",
-                   "mem_k_ptr": f"*{ptr}", "mem_v_ptr": f"*{ptr}", "bias_ptr": "*fp32", "out_ptr": f"*{ptr}",
-                   "lse_ptr": "*fp32", "grad_q_ptr": f"*{ptr}", "grad_k_ptr": f"*{ptr}", "grad_v_ptr": f"*{ptr}",
-                   "grad_bias_ptr": "*fp32", "delta_ptr": "*fp32", **tail}
-        specs.append((_diag_attention_backward_kernel, bwd_sig, constexprs))
-        mem_sig = {"grad_ptr": f"*{ptr}", "q_ptr": f"*{ptr}", "mem_k_ptr": f"*{ptr}", "mem_v_ptr": f"*{ptr}",
-                   "lse_ptr": "*fp32", "delta_ptr": "*fp32", "part_k_ptr": "*fp32", "part_v_ptr": "*fp32",
-                   "n_tokens": "i32", "tokens_per_chunk": "i32", **{k: v for k, v in tail.items() if k != "n_tokens"}}
-        specs.append((_diag_attention_memory_backward_kernel, mem_sig, constexprs))
+        names = ("BLOCK_T", "BLOCK_M", "BLOCK_D", "DOT_UPCAST", "PRECISION")
+        tail = {**sizes, **{name: "constexpr" for name in names}}
+        signatures = {
+            "forward": {"q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "mem_k_ptr": ptr, "mem_v_ptr": ptr,
+                        "bias_ptr": opmath, "out_ptr": ptr, "lse_ptr": opmath, **tail},
+            "backward": {"grad_ptr": ptr, "q_ptr": ptr, "k_ptr": ptr, "v_ptr": ptr, "mem_k_ptr": ptr,
+                         "mem_v_ptr": ptr, "bias_ptr": opmath, "out_ptr": ptr, "lse_ptr": opmath, "grad_q_ptr": ptr,
+                         "grad_k_ptr": ptr, "grad_v_ptr": ptr, "grad_bias_ptr": opmath, "delta_ptr": opmath,
+                         **tail},
+            "memory_backward": {"grad_ptr": ptr, "q_ptr": ptr, "mem_k_ptr": ptr, "mem_v_ptr": ptr, "lse_ptr": opmath,
+                                "delta_ptr": opmath, "part_k_ptr": opmath, "part_v_ptr": opmath, "n_tokens": "i32",
+                                "tokens_per_chunk": "i32", **{k: v for k, v in tail.items() if k != "n_tokens"}},
+        }
+        kernels = {"forward": _diag_attention_forward_kernel, "backward": _diag_attention_backward_kernel,
+                   "memory_backward": _diag_attention_memory_backward_kernel}
+        for name in KERNELS:
+            kernel_config = getattr(config, name)
+            constexprs = {"BLOCK_T": kernel_config.block_t, "BLOCK_M": kernel_config.block_m,
+                          "BLOCK_D": config.block_d, "DOT_UPCAST": False, "PRECISION": _precision(dtype)}
+            options = {"num_warps": kernel_config.num_warps, "num_stages": kernel_config.num_stages}
+            signature = signatures[name]
+            hints = [arg for arg, kind in signature.items()
+                     if kind.startswith("*") or arg in ("d", "M", "tokens_per_chunk")]
+            specs.append((kernels[name], signature, constexprs, options, hints))
     return specs

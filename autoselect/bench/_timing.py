@@ -2,7 +2,8 @@
 
 GPU timings come from triton.testing.do_bench (CUDA events, cache flushed between runs); CPU timings
 from time.perf_counter over repeats after a warm-up. Both report the median and the 20th/80th
-percentiles in milliseconds. Rows are appended to CSV files keyed by kernel, shape, dtype, provider
+percentiles in milliseconds. On a GPU the device name carries the compute capability and torch's
+CUDA version. Rows are appended to CSV files keyed by kernel, shape, dtype, provider
 and device, with the versions and the date, so results from different machines sit side by side.
 """
 
@@ -41,7 +42,8 @@ def measure(fn, device: torch.device, repeats: int = 20, warmup: int = 10):
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
+        major, minor = torch.cuda.get_device_capability(device)
+        return f"{torch.cuda.get_device_name(device)} (sm_{major}{minor}, CUDA {torch.version.cuda})"
     return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
 
 

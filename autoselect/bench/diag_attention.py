@@ -90,27 +90,28 @@ def parse_shape(text: str) -> dict:
 
 
 def run(B: int = 16, N: int = 576, H: int = 8, d: int = 64, M: int = 64, dtype: torch.dtype = torch.float32,
-        device="cpu", repeats: int = 20, modes=MODES):
-    """Measure every provider and mode at one shape; returns result rows (see _timing.FIELDS)."""
+        device="cpu", repeats: int = 20, modes=MODES, backends=None):
+    """Measure every provider and mode at one shape; returns result rows (see _timing.FIELDS).
+    `backends`: the backends to measure the autoselect provider with (default: the one chosen)."""
     device = torch.device(device)
-    backend = _backends.choose("diag_attention", device)
+    cases = [("eager", None)] + [("autoselect", b) for b in (backends or [_backends.choose("diag_attention", device)])]
     common = {"date": today(), "kernel": "diag_attention", "shape": f"B={B} N={N} H={H} d={d} M={M}",
               "dtype": str(dtype).split(".")[-1], "device": device.type, "device_name": device_name(device),
               **versions()}
     rows = []
     for mode in modes:
-        for provider in PROVIDERS:
-            median, p20, p80 = measure(setup(B, N, H, d, M, dtype, device, mode, provider), device, repeats)
+        for provider, backend in cases:
+            with _backends.force_backend(backend):
+                median, p20, p80 = measure(setup(B, N, H, d, M, dtype, device, mode, provider), device, repeats)
             note = CPU_NOTE if device.type == "cpu" and provider == "autoselect" else ""
-            rows.append({**common, "mode": mode, "provider": provider,
-                         "backend": backend if provider == "autoselect" else "torch", "median_ms": median,
-                         "p20_ms": p20, "p80_ms": p80, "note": note})
+            rows.append({**common, "mode": mode, "provider": provider, "backend": backend or "torch",
+                         "median_ms": median, "p20_ms": p20, "p80_ms": p80, "note": note})
     if device.type == "cuda":
         logits = B * N * H * (1 + M) * torch.empty((), dtype=dtype).element_size()
-        for provider in PROVIDERS:
-            peak = peak_memory_bytes(provider, B, N, H, d, M, dtype, device)
-            rows.append({**common, "mode": "peak_memory", "provider": provider,
-                         "backend": backend if provider == "autoselect" else "torch",
+        for provider, backend in cases:
+            with _backends.force_backend(backend):
+                peak = peak_memory_bytes(provider, B, N, H, d, M, dtype, device)
+            rows.append({**common, "mode": "peak_memory", "provider": provider, "backend": backend or "torch",
                          "note": f"{peak / 2**20:.2f} MiB peak above the inputs in one forward+backward "
                                  f"(one (B, N, H, 1+M) logits tensor: {logits / 2**20:.2f} MiB)"})
     return rows

@@ -86,31 +86,39 @@ def saved_for_backward_bytes(provider: str, B: int, N: int, D: int, dtype: torch
 
 
 def run(B: int = 4, N: int = 576, D: int = 1024, dtype: torch.dtype = torch.float32, device="cpu",
-        repeats: int = 20, modes=MODES):
-    """Measure every provider and mode at one shape; returns result rows (see _timing.FIELDS)."""
+        repeats: int = 20, modes=MODES, backends=None):
+    """Measure every provider and mode at one shape; returns result rows (see _timing.FIELDS).
+    `backends`: the backends to measure the autoselect provider with (default: the one chosen); on a
+    GPU the forward rows note the fraction of the copy bandwidth that the fused forward reaches (the
+    copy moves the same bytes: x read, z written)."""
     device = torch.device(device)
     element_bytes = torch.empty((), dtype=dtype).element_size()
     # Forward traffic: x read, z written (alpha, mean, std are negligible).
     forward_bytes = 2 * B * N * D * element_bytes
-    backend = _backends.choose("noise_gate", device)
+    backends = list(backends or [_backends.choose("noise_gate", device)])
     common = {"date": today(), "kernel": "noise_gate", "shape": f"B={B} N={N} D={D}", "dtype": str(dtype).split(".")[-1],
               "device": device.type, "device_name": device_name(device), **versions()}
     rows = []
+    copy_ms = None
     if device.type == "cuda":
-        median, p20, p80 = measure(setup(B, N, D, dtype, device, "forward", "copy"), device, repeats)
-        rows.append({**common, "mode": "forward", "provider": "copy", "backend": "torch", "median_ms": median,
-                     "p20_ms": p20, "p80_ms": p80, "gbps": forward_bytes / median / 1e6,
+        copy_ms, p20, p80 = measure(setup(B, N, D, dtype, device, "forward", "copy"), device, repeats)
+        rows.append({**common, "mode": "forward", "provider": "copy", "backend": "torch", "median_ms": copy_ms,
+                     "p20_ms": p20, "p80_ms": p80, "gbps": forward_bytes / copy_ms / 1e6,
                      "note": "device-to-device copy of x: the bandwidth limit"})
+    cases = [("eager", None)] + [("autoselect", backend) for backend in backends]
     for mode in modes:
-        for provider in PROVIDERS:
-            median, p20, p80 = measure(setup(B, N, D, dtype, device, mode, provider), device, repeats)
-            rows.append({**common, "mode": mode, "provider": provider,
-                         "backend": backend if provider == "autoselect" else "torch", "median_ms": median,
-                         "p20_ms": p20, "p80_ms": p80,
-                         "gbps": forward_bytes / median / 1e6 if mode == "forward" else ""})
-    for provider in PROVIDERS:
-        saved = saved_for_backward_bytes(provider, B, N, D, dtype, device)
-        rows.append({**common, "mode": "saved_for_backward", "provider": provider,
-                     "backend": backend if provider == "autoselect" else "torch",
+        for provider, backend in cases:
+            with _backends.force_backend(backend):
+                median, p20, p80 = measure(setup(B, N, D, dtype, device, mode, provider), device, repeats)
+            note = ""
+            if mode == "forward" and copy_ms is not None:
+                note = f"{copy_ms / median:.0%} of copy bandwidth"
+            rows.append({**common, "mode": mode, "provider": provider, "backend": backend or "torch",
+                         "median_ms": median, "p20_ms": p20, "p80_ms": p80,
+                         "gbps": forward_bytes / median / 1e6 if mode == "forward" else "", "note": note})
+    for provider, backend in cases:
+        with _backends.force_backend(backend):
+            saved = saved_for_backward_bytes(provider, B, N, D, dtype, device)
+        rows.append({**common, "mode": "saved_for_backward", "provider": provider, "backend": backend or "torch",
                      "note": f"{saved / 2**20:.2f} MiB kept between forward and backward"})
     return rows

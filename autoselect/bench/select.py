@@ -37,7 +37,7 @@ def make_inputs(B: int, N: int, D: int, dtype: torch.dtype, device, seed: int = 
     generator = torch.Generator(device="cpu").manual_seed(seed)
     x = torch.randn(B, N, D, generator=generator).to(device=device, dtype=dtype)
     torch.manual_seed(seed)
-    scorer = Scorer(D, hidden).to(device=device, dtype=dtype).eval()
+    scorer = Scorer(D, layers=0, hidden=hidden).to(device=device, dtype=dtype).eval()  # the fused light Scorer
     scores = torch.randn(B, N, generator=generator).to(device)
     return x, scorer, scores
 
@@ -47,10 +47,11 @@ def eager_select(x, scores, k):
     return torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1])), index
 
 
-def setup(B: int, N: int, D: int, K: int, dtype: torch.dtype, device, mode: str, provider: str):
-    """A zero-argument callable that runs `mode` of `provider` once on inputs of this shape."""
+def setup(B: int, N: int, D: int, K: int, dtype: torch.dtype, device, mode: str, provider: str, inputs=None):
+    """A zero-argument callable that runs `mode` of `provider` once on inputs of this shape (`inputs`:
+    those of `make_inputs`, made here when not given)."""
     device = torch.device(device)
-    x, scorer, scores = make_inputs(B, N, D, dtype, device)
+    x, scorer, scores = inputs if inputs is not None else make_inputs(B, N, D, dtype, device)
     if provider == "copy":
         return lambda: x.clone()
     if mode not in MODES:
@@ -72,29 +73,31 @@ def setup(B: int, N: int, D: int, K: int, dtype: torch.dtype, device, mode: str,
 
 
 def run(B: int = 1, N: int = 576, D: int = 4096, K: int = 64, dtype: torch.dtype = torch.float32, device="cpu",
-        repeats: int = 20):
-    """Measure every provider and mode at one shape; returns result rows (see _timing.FIELDS)."""
+        repeats: int = 20, backends=None):
+    """Measure every provider and mode at one shape; returns result rows (see _timing.FIELDS).
+    `backends`: the backends to measure the autoselect provider with (default: the one chosen per op)."""
     device = torch.device(device)
     element_bytes = torch.empty((), dtype=dtype).element_size()
     read_bytes = B * N * D * element_bytes  # x is read at least once
     common = {"date": today(), "kernel": "select", "shape": f"B={B} N={N} D={D} K={K}",
               "dtype": str(dtype).split(".")[-1], "device": device.type, "device_name": device_name(device),
               **versions()}
+    inputs = make_inputs(B, N, D, dtype, device)  # once per shape: large batches take seconds to draw
     rows = []
     if device.type == "cuda":
-        median, p20, p80 = measure(setup(B, N, D, K, dtype, device, "select", "copy"), device, repeats)
+        median, p20, p80 = measure(setup(B, N, D, K, dtype, device, "select", "copy", inputs), device, repeats)
         rows.append({**common, "mode": "score+select", "provider": "copy", "backend": "torch", "median_ms": median,
                      "p20_ms": p20, "p80_ms": p80, "gbps": 2 * read_bytes / median / 1e6,
                      "note": "device-to-device copy of x: the bandwidth limit"})
     for mode in MODES:
         op = "score_select" if mode == "score+select" else "select_topk"
-        backend = _backends.choose(op, device)
-        for provider in PROVIDERS:
-            median, p20, p80 = measure(setup(B, N, D, K, dtype, device, mode, provider), device, repeats)
+        cases = [("eager", None)] + [("autoselect", b) for b in (backends or [_backends.choose(op, device)])]
+        for provider, backend in cases:
+            with _backends.force_backend(backend):
+                median, p20, p80 = measure(setup(B, N, D, K, dtype, device, mode, provider, inputs), device, repeats)
             note = "scorer: LayerNorm, Linear(D, 256), GELU, Linear(256, 1)" if mode == "score+select" else \
                 "scores given"
-            rows.append({**common, "mode": mode, "provider": provider,
-                         "backend": backend if provider == "autoselect" else "torch", "median_ms": median,
-                         "p20_ms": p20, "p80_ms": p80,
+            rows.append({**common, "mode": mode, "provider": provider, "backend": backend or "torch",
+                         "median_ms": median, "p20_ms": p20, "p80_ms": p80,
                          "gbps": read_bytes / median / 1e6 if mode == "score+select" else "", "note": note})
     return rows

@@ -15,12 +15,18 @@ layer start at zero, and so does the alpha modulation: the Denoiser starts as th
 Training only: at inference the pruned tokens are dropped and neither gate nor Denoiser runs. The
 AutoSelector (DESIGN.md section 4) holds one as `denoiser` and calls `denoiser(z, alpha)` on the
 noise gate's output; `config()` gives the constructor arguments it saves.
+
+Variants (the paper's Table 5): `memory_slots=0` is the PAPER block, an identity attention mask (each
+token attends only to itself, so the attention returns its own value, with no self bias);
+`attention="global"` is full self-attention among the tokens of an image, the variant that leaks what
+a pruned token held into the kept ones (an ablation, not for use).
 """
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops._dispatch import opmath
 from ..ops.diag_attention import diag_attention
 
 # alpha is clamped to [ALPHA_CLAMP, 1 - ALPHA_CLAMP] before its logit, so alpha = 0 or 1 stays finite
@@ -35,7 +41,10 @@ class Denoiser(nn.Module):
         dim: token width D.
         heads: attention heads H (default 8).
         head_dim: width d of each head (default 64): the attention works at width H * d.
-        memory_slots: M, learned memory keys and values per head (default 64), M >= 1.
+        memory_slots: M, learned memory keys and values per head (default 64); 0 is the PAPER
+            identity-mask block (no memory, no self bias).
+        attention: "diagonal" (default: self + memory, no information between tokens) or "global"
+            (full self-attention among the tokens of an image, without memory: the leaking variant).
         mlp_ratio: hidden width of the per-token MLP, as a multiple of dim (default 2).
         cond_dim: width of the alpha embedding that drives the adaptive LayerNorms (default 64).
         eps: the LayerNorm epsilon.
@@ -48,12 +57,18 @@ class Denoiser(nn.Module):
     """
 
     def __init__(self, dim: int, heads: int = 8, head_dim: int = 64, memory_slots: int = 64, mlp_ratio: int = 2,
-                 *, cond_dim: int = 64, eps: float = 1e-5):
+                 *, attention: str = "diagonal", cond_dim: int = 64, eps: float = 1e-5):
         super().__init__()
         for name, value in (("dim", dim), ("heads", heads), ("head_dim", head_dim), ("memory_slots", memory_slots),
                             ("mlp_ratio", mlp_ratio), ("cond_dim", cond_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"Denoiser: {name} must be a positive int, got {value!r}")
+            minimum = 0 if name == "memory_slots" else 1
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"Denoiser: {name} must be an int >= {minimum}, got {value!r}")
+        if attention not in ("diagonal", "global"):
+            raise ValueError(f"Denoiser: attention must be 'diagonal' or 'global', got {attention!r}")
+        if attention == "global" and memory_slots:
+            raise ValueError("Denoiser: the global-attention variant has no memory; pass memory_slots=0")
+        self.attention = attention
         self.dim, self.heads, self.head_dim = dim, heads, head_dim
         self.memory_slots, self.mlp_ratio, self.cond_dim, self.eps = memory_slots, mlp_ratio, cond_dim, float(eps)
         inner = heads * head_dim
@@ -64,11 +79,12 @@ class Denoiser(nn.Module):
         self.to_q = nn.Linear(dim, inner)
         self.to_k = nn.Linear(dim, inner)
         self.to_v = nn.Linear(dim, inner)
-        self.memory_k = nn.Parameter(torch.randn(heads, memory_slots, head_dim))
-        self.memory_v = nn.Parameter(torch.randn(heads, memory_slots, head_dim))
-        # self_bias_h = a_h * logit(alpha) + c_h
-        self.self_bias_scale = nn.Parameter(torch.ones(heads))
-        self.self_bias_shift = nn.Parameter(torch.zeros(heads))
+        if memory_slots:
+            self.memory_k = nn.Parameter(torch.randn(heads, memory_slots, head_dim))
+            self.memory_v = nn.Parameter(torch.randn(heads, memory_slots, head_dim))
+            # self_bias_h = a_h * logit(alpha) + c_h
+            self.self_bias_scale = nn.Parameter(torch.ones(heads))
+            self.self_bias_shift = nn.Parameter(torch.zeros(heads))
         self.proj = nn.Linear(inner, dim)
         self.mlp = nn.Sequential(nn.Linear(dim, mlp_ratio * dim), nn.GELU(), nn.Linear(mlp_ratio * dim, dim))
         for layer in (self.modulation, self.proj, self.mlp[-1]):
@@ -78,14 +94,14 @@ class Denoiser(nn.Module):
     def config(self) -> dict:
         """The constructor arguments: `Denoiser(**d.config())` builds the same architecture."""
         return {"dim": self.dim, "heads": self.heads, "head_dim": self.head_dim, "memory_slots": self.memory_slots,
-                "mlp_ratio": self.mlp_ratio, "cond_dim": self.cond_dim, "eps": self.eps}
+                "mlp_ratio": self.mlp_ratio, "attention": self.attention, "cond_dim": self.cond_dim, "eps": self.eps}
 
     def extra_repr(self) -> str:
         return (f"dim={self.dim}, heads={self.heads}, head_dim={self.head_dim}, memory_slots={self.memory_slots}, "
-                f"mlp_ratio={self.mlp_ratio}")
+                f"mlp_ratio={self.mlp_ratio}, attention={self.attention}")
 
     def _opmath(self):
-        return torch.float64 if self.memory_k.dtype == torch.float64 else torch.float32
+        return opmath(self.to_q.weight.dtype)
 
     def alpha_logit(self, alpha: Tensor) -> Tensor:
         """logit(clamp(alpha, 1e-6, 1 - 1e-6)) in float32 (float64 for a float64 module), shape of alpha."""
@@ -118,7 +134,13 @@ class Denoiser(nn.Module):
         q = self.to_q(h).view(B, N, H, d)
         k = self.to_k(h).view(B, N, H, d)
         v = self.to_v(h).view(B, N, H, d)
-        attended = diag_attention(q, k, v, self.memory_k, self.memory_v, self._self_bias_from_logit(logit))
+        if self.attention == "global":  # every token of the image: leaks across positions (ablation)
+            attended = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                      v.transpose(1, 2)).transpose(1, 2)
+        elif self.memory_slots == 0:  # identity mask: a softmax over the token's own logit alone is 1
+            attended = v
+        else:
+            attended = diag_attention(q, k, v, self.memory_k, self.memory_v, self._self_bias_from_logit(logit))
         z = z + self.proj(attended.reshape(B, N, H * d))
         h = F.layer_norm(z, (D, ), eps=self.eps) * (1 + scale2) + shift2
         return z + self.mlp(h)

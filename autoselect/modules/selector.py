@@ -5,7 +5,8 @@ statistics of the visual tokens that the noise gate uses. Training path (`gate`)
 
     s = Scorer(V);  alpha = soft_topk(s, k, T);  z = noise_gate(V, alpha, mean, std);  Vhat = Denoiser(z, alpha)
 
-Inference path (`select`): Scorer + hard top-K + gather, fused (`score_select`). Saved as a folder
+(or another throttler and Denoiser: the options of DESIGN.md 1.7). Inference path (`select`): Scorer
++ hard top-K + gather (`Scorer.select`). Saved as a folder
 with `config.json` and `model.safetensors` (no pickle); loading checks that the weights match the
 config and says what differs.
 """
@@ -19,7 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import __version__
+from ..ops._dispatch import check_values
 from ..ops.noise_gate import noise_gate
+from ..ops.select import select_topk
+from ..ops.soft_topk import KINDS as SOFT_TOPK_KINDS
 from ..ops.soft_topk import soft_topk
 from .scorer import Scorer
 
@@ -28,52 +32,130 @@ WEIGHTS_NAME = "model.safetensors"
 FORMAT = "autoselect.AutoSelector"
 
 DEFAULT_DENOISER = {"heads": 8, "head_dim": 64, "memory_slots": 64, "mlp_ratio": 2}
+# Until the ablation (DESIGN.md 1.7) has measured the variants, the defaults stay those of the first
+# release, which the shipped selector was trained with: the per-token MLP scorer, running noise
+# statistics, the logistic soft top-K, the diagonal Denoiser with memory, the noise throttler.
+DEFAULT_SCORER = {"layers": 0, "hidden": 256}
+THROTTLERS = ("noise", "scale", "gumbel")
+DENOISERS = ("diagonal", "global", "none")
+NOISE_STATS = ("running", "unit")
+# Where the selector reads the VLM's visual tokens (DESIGN.md 1, 5): "projector_input" (the selected
+# vision layer's features as the projector receives them: LLaVA-1.5 / LLaVA-NeXT, the PAPER's "Pre")
+# or "projector_output" (the projector's output: Qwen2-VL / 2.5-VL's merger output, and the first
+# release's LLaVA selectors). A config without one (the first release) is "projector_output".
+PLACEMENTS = ("projector_input", "projector_output")
 
 
-def _build_denoiser(dim: int, config: Optional[dict]):
-    if config is None:
+def _denoiser_config(denoiser) -> dict:
+    """The Denoiser as a dict with its "kind": from a kind string, a dict (with or without "kind":
+    a dict without one is the first release's diagonal Denoiser arguments) or None ("none")."""
+    if denoiser is None or denoiser == "none":
+        return {"kind": "none"}
+    if denoiser == "default":  # the first release's spelling
+        denoiser = "diagonal"
+    if isinstance(denoiser, str):
+        if denoiser not in DENOISERS:
+            raise ValueError(f"AutoSelector: denoiser must be one of {', '.join(DENOISERS)} or a dict, got {denoiser!r}")
+        denoiser = {"kind": denoiser}
+    if not isinstance(denoiser, dict):
+        raise TypeError(f"AutoSelector: denoiser must be a kind ({', '.join(DENOISERS)}), a dict of Denoiser "
+                        f"arguments or None, got {type(denoiser).__name__}")
+    config = dict(denoiser)
+    kind = config.pop("kind", "diagonal")
+    if kind not in DENOISERS:
+        raise ValueError(f"AutoSelector: denoiser kind must be one of {', '.join(DENOISERS)}, got {kind!r}")
+    if kind == "none":
+        return {"kind": "none"}
+    defaults = dict(DEFAULT_DENOISER, memory_slots=0) if kind == "global" else dict(DEFAULT_DENOISER)
+    config.pop("attention", None)
+    return {"kind": kind, **defaults, **config}
+
+
+def _build_denoiser(dim: int, config: dict):
+    if config["kind"] == "none":
         return None
     from .denoiser import Denoiser  # the Denoiser module (DESIGN.md 1.4)
-    return Denoiser(dim, **config)
+    arguments = {key: value for key, value in config.items() if key != "kind"}
+    return Denoiser(dim, attention="global" if config["kind"] == "global" else "diagonal", **arguments)
+
+
+def _choice(name: str, value, choices):
+    if value not in choices:
+        raise ValueError(f"AutoSelector: {name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
 
 
 class AutoSelector(nn.Module):
-    """Scorer + Denoiser + budget gate + running token statistics.
+    """Scorer + Denoiser + budget gate + throttler + running token statistics (DESIGN.md 1, 4).
 
-    Args:
-        dim: token width D (the projector's output width, i.e. the language model's hidden size).
-        scorer_hidden: hidden width of the Scorer (default 256).
-        denoiser: keyword arguments of `autoselect.Denoiser` (default heads=8, head_dim=64,
-            memory_slots=64, mlp_ratio=2), or None to train without one (z goes to the language
-            model directly).
+    Args (keyword-only after dim):
+        dim: token width D of the features the Scorer reads.
+        scorer: arguments of `autoselect.Scorer` (default {"layers": 0, "hidden": 256}, the
+            per-token MLP, until the ablation decides).
+        denoiser: "diagonal" (default: memory slots, no information between tokens; memory_slots=0
+            is the PAPER identity-mask block), "global" (full self-attention: the leaking ablation),
+            "none", or a dict of Denoiser arguments with a "kind" key.
+        throttler: how the training path dims a token by its keep fraction alpha: "noise" (default,
+            the variance-preserving noise gate), "scale" (z = alpha x) or "gumbel" (hard top-K of
+            scores + Gumbel noise forward, straight-through soft top-K backward).
+        noise_stats: the noise gate's mean and std: "running" (default, OURS: the tokens' running
+            per-channel statistics) or "unit" (PAPER: mean 0, std 1).
+        soft_topk: the budget gate's kind, "logistic" (default) or "laplace" (LapSum).
         keep: the default budget of `select` and `gate`: an int (tokens per image) or a float in
             (0, 1] (fraction).
-        eps: LayerNorm epsilon of the Scorer.
+        placement: where in the VLM the selector reads the tokens: "projector_output" (default, and
+            what a config without one means: the first release) or "projector_input" (before the
+            projector; `autoselect.apply` refuses a selector placed where the model has no such point,
+            or whose dim differs from the features there).
+        keep_range: (low, high) when the selector was trained for every budget in that range
+            (`autoselect train --keep low:high`); recorded in the config, keep is then `high`.
+        scorer_hidden, eps: the first release's spelling of scorer={"layers": 0, "hidden": ...,
+            "eps": ...} (old configs load through them).
 
     Buffers: `token_mean`, `token_std` (D,) (the noise gate's statistics, updated by
     `update_statistics`) and `token_count` (how many tokens they summarise).
     """
 
-    def __init__(self, dim: int, *, scorer_hidden: int = 256, denoiser: Optional[dict] = "default",
-                 keep: Union[int, float] = 64, eps: float = 1e-5):
+    def __init__(self, dim: int, *, scorer: Optional[dict] = None, denoiser="diagonal", throttler: str = "noise",
+                 noise_stats: str = "running", soft_topk: str = "logistic", keep: Union[int, float] = 64,
+                 placement: str = "projector_output", keep_range: Optional[Sequence[int]] = None,
+                 scorer_hidden: Optional[int] = None, eps: Optional[float] = None):
         super().__init__()
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise ValueError(f"AutoSelector: dim must be a positive int, got {dim!r}")
         if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not keep > 0 or \
                 (isinstance(keep, float) and keep > 1):
             raise ValueError(f"AutoSelector: keep must be an int >= 1 or a float in (0, 1], got {keep!r}")
-        if isinstance(denoiser, str) and denoiser == "default":
-            denoiser = dict(DEFAULT_DENOISER)
-        if denoiser is not None and not isinstance(denoiser, dict):
-            raise TypeError(f"AutoSelector: denoiser must be a dict of Denoiser arguments or None, got "
-                            f"{type(denoiser).__name__}")
+        if keep_range is not None:
+            if not isinstance(keep_range, (list, tuple)) or len(keep_range) != 2 or \
+                    any(isinstance(v, bool) or not isinstance(v, int) for v in keep_range) or \
+                    not 1 <= keep_range[0] <= keep_range[1]:
+                raise ValueError(f"AutoSelector: keep_range must be two ints 1 <= low <= high, got {keep_range!r}")
+            keep_range = [int(keep_range[0]), int(keep_range[1])]
+        if scorer is not None and (scorer_hidden is not None or eps is not None):
+            raise ValueError("AutoSelector: give scorer={...} or the first release's scorer_hidden/eps, not both")
+        if scorer is None:
+            scorer = dict(DEFAULT_SCORER)
+            if scorer_hidden is not None:
+                scorer["hidden"] = scorer_hidden
+            if eps is not None:
+                scorer["eps"] = eps
+        if not isinstance(scorer, dict):
+            raise TypeError(f"AutoSelector: scorer must be a dict of Scorer arguments, got {type(scorer).__name__}")
         self.dim = dim
-        self.config = {"dim": dim, "scorer_hidden": scorer_hidden, "denoiser": denoiser, "keep": keep, "eps": eps}
-        self.scorer = Scorer(dim, scorer_hidden, eps=eps)
+        self.scorer = Scorer(dim, **scorer)
         # The last bias shifts every score of an image alike: neither soft_topk nor the hard top-K
         # sees it, so its gradient is zero up to rounding, which Adam would turn into full-size steps.
-        self.scorer.fc2.bias.requires_grad_(False)
+        self.scorer.output_bias.requires_grad_(False)
+        denoiser = _denoiser_config(denoiser)
         self.denoiser = _build_denoiser(dim, denoiser)
+        self.config = {"dim": dim, "scorer": self.scorer.config, "denoiser": denoiser,
+                       "throttler": _choice("throttler", throttler, THROTTLERS),
+                       "noise_stats": _choice("noise_stats", noise_stats, NOISE_STATS),
+                       "soft_topk": _choice("soft_topk", soft_topk, SOFT_TOPK_KINDS), "keep": keep,
+                       "placement": _choice("placement", placement, PLACEMENTS)}
+        if keep_range is not None:
+            self.config["keep_range"] = keep_range
         self.register_buffer("token_mean", torch.zeros(dim))
         self.register_buffer("token_std", torch.ones(dim))
         self.register_buffer("token_count", torch.zeros((), dtype=torch.float64))
@@ -108,21 +190,46 @@ class AutoSelector(nn.Module):
     # -- training path --------------------------------------------------------------------------
 
     def gate(self, x: Tensor, *, temperature: float, k=None, seed: int, offset: int = 0):
-        """The training forward: Scorer -> soft top-K (budget k, temperature T) -> noise gate ->
-        Denoiser. x (B, N, D) from the frozen projector; returns (vhat (B, N, D) in x's dtype,
-        alpha (B, N) float32, scores (B, N)). The noise is drawn from (seed, offset) and consumes
-        `autoselect.noise_offsets(x.numel())` counters."""
+        """The training forward: Scorer -> soft top-K (budget k, temperature T) -> throttler ->
+        Denoiser. x (B, N, D), the features where the Scorer reads them; returns (vhat (B, N, D) in x's
+        dtype, alpha (B, N) float32, scores (B, N)). The noise (throttler "noise") is drawn from
+        (seed, offset) and consumes `autoselect.noise_offsets(x.numel())` counters; the Gumbel noise
+        (throttler "gumbel") comes from a generator seeded with (seed, offset)."""
         if not isinstance(x, Tensor) or x.dim() != 3 or x.shape[-1] != self.dim:
             raise ValueError(f"AutoSelector.gate: expected tokens (B, N, {self.dim}), got "
                              f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-        if float(self.token_count) == 0:
-            raise RuntimeError("AutoSelector.gate: the token statistics are empty; call update_statistics on "
-                               "visual tokens first (the noise gate draws noise with their mean and std)")
+        budget = self.config["keep"] if k is None else k
+        kind, throttler = self.config["soft_topk"], self.config["throttler"]
         scores = self.scorer(x)
-        alpha = soft_topk(scores, self.config["keep"] if k is None else k, temperature)
-        z = noise_gate(x, alpha, self.token_mean.detach(), self.token_std.detach(), seed=seed, offset=offset)
+        if throttler == "gumbel":
+            z, alpha = self._gumbel_gate(x, scores, budget, temperature, seed, offset)
+        else:
+            alpha = soft_topk(scores, budget, temperature, kind=kind)
+            if throttler == "scale":
+                z = x * alpha.unsqueeze(-1).to(x.dtype)
+            else:
+                z = noise_gate(x, alpha, *self.noise_statistics(), seed=seed, offset=offset)
         vhat = self.denoiser(z, alpha) if self.denoiser is not None else z
         return vhat, alpha, scores
+
+    def noise_statistics(self):
+        """The noise gate's (mean, std): the running token statistics, or (0, 1) for noise_stats="unit"."""
+        if self.config["noise_stats"] == "unit":
+            return torch.zeros_like(self.token_mean), torch.ones_like(self.token_std)
+        check_values((self.token_count > 0).all(), "AutoSelector.gate: the token statistics are empty; call "
+                     "update_statistics on visual tokens first (the noise gate draws noise with their mean and std)")
+        return self.token_mean.detach(), self.token_std.detach()
+
+    def _gumbel_gate(self, x, scores, budget, temperature, seed, offset):
+        # Hard top-K of s + Gumbel noise in the forward; the soft top-K's gradient in the backward.
+        generator = torch.Generator(device=x.device).manual_seed((seed * 1_000_003 + offset) % (1 << 63))
+        uniform = torch.rand(scores.shape, generator=generator, device=x.device, dtype=torch.float32)
+        perturbed = scores.float() - torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+        soft = soft_topk(perturbed, budget, temperature, kind=self.config["soft_topk"])
+        _, index = select_topk(x.detach(), perturbed.detach(), budget)
+        hard = torch.zeros_like(soft).scatter_(1, index, 1.0)
+        alpha = hard + (soft - soft.detach())  # exactly hard in value, the soft gradient
+        return x * alpha.unsqueeze(-1).to(x.dtype), alpha
 
     # -- inference path -------------------------------------------------------------------------
 
@@ -191,4 +298,5 @@ class AutoSelector(nn.Module):
         return model
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, keep={self.config['keep']}, tokens seen={int(self.token_count)}"
+        return (f"dim={self.dim}, placement={self.config['placement']}, keep={self.config['keep']}, "
+                f"tokens seen={int(self.token_count)}")

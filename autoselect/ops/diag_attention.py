@@ -23,15 +23,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backends, _ext
-
-_backends.register_op("diag_attention", ("reference", "triton"))
+from .. import _ext
+from ._dispatch import Kernels, opmath, triton
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _opmath(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -58,7 +53,7 @@ def diag_attention_ref(q: Tensor, k: Tensor, v: Tensor, mem_k: Tensor, mem_v: Te
     log-sum-exp of the logits, (B, N, H) in the compute dtype (what the backward recomputes from).
     """
     if compute_dtype is None:
-        compute_dtype = _opmath(q.dtype)
+        compute_dtype = opmath(q.dtype)
     logits = _logits_ref(q, k, mem_k, self_bias, compute_dtype)
     lse = torch.logsumexp(logits, dim=-1)
     probs = torch.exp(logits - lse.unsqueeze(-1))  # the softmax
@@ -78,7 +73,7 @@ def diag_attention_backward_ref(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, m
     given, saves recomputing it for delta = sum_d grad * out. The tests hold it against autograd
     through `diag_attention_ref`; the reference backend runs it (custom ops run below autograd, so
     they cannot differentiate the reference themselves)."""
-    compute = _opmath(q.dtype)
+    compute = opmath(q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1])
     logits = _logits_ref(q, k, mem_k, self_bias, compute)
     if lse is None:
@@ -114,17 +109,21 @@ def _backward_reference(grad, q, k, v, mem_k, mem_v, self_bias, out, lse):
     return diag_attention_backward_ref(grad, q, k, v, mem_k, mem_v, self_bias, lse, out)
 
 
-def _forward_triton(q, k, v, mem_k, mem_v, self_bias):
-    return _ext.triton_kernels().diag_attention.diag_attention_forward(q, k, v, mem_k, mem_v, self_bias)
+def _triton_limits():
+    kernels = _ext.triton_kernels()
+    return None if kernels is None else kernels.diag_attention.LIMITS
 
 
-def _backward_triton(grad, q, k, v, mem_k, mem_v, self_bias, out, lse):
-    return _ext.triton_kernels().diag_attention.diag_attention_backward(grad, q, k, v, mem_k, mem_v, self_bias,
-                                                                        out, lse)
+def _triton_unsupported(*args):
+    """Why the Triton kernels cannot serve this call (head dims above their limit), or None."""
+    q = args[1] if len(args) == 9 else args[0]  # the backward's first argument is the gradient
+    return _ext.triton_kernels().diag_attention.unsupported(q.dtype, q.shape[-1])
 
 
-_FORWARD = {"reference": _forward_reference, "triton": _forward_triton}
-_BACKWARD = {"reference": _backward_reference, "triton": _backward_triton}
+KERNELS = Kernels("diag_attention", reference=_forward_reference,
+                  triton=triton("diag_attention", "diag_attention_forward"),
+                  unsupported={"triton": _triton_unsupported}, limits=_triton_limits)
+KERNELS.add("backward", reference=_backward_reference, triton=triton("diag_attention", "diag_attention_backward"))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -134,8 +133,7 @@ _BACKWARD = {"reference": _backward_reference, "triton": _backward_triton}
 @torch.library.custom_op("autoselect::diag_attention", mutates_args=())
 def _diag_attention_op(q: Tensor, k: Tensor, v: Tensor, mem_k: Tensor, mem_v: Tensor,
                        self_bias: Tensor) -> tuple[Tensor, Tensor]:
-    backend = _backends.choose("diag_attention", q.device)
-    return _FORWARD[backend](q, k, v, mem_k, mem_v, self_bias)
+    return KERNELS.run(q.device, q, k, v, mem_k, mem_v, self_bias)
 
 
 @_diag_attention_op.register_fake
@@ -147,8 +145,7 @@ def _(q, k, v, mem_k, mem_v, self_bias):
 def _diag_attention_backward_op(grad: Tensor, q: Tensor, k: Tensor, v: Tensor, mem_k: Tensor, mem_v: Tensor,
                                 self_bias: Tensor, out: Tensor,
                                 lse: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    backend = _backends.choose("diag_attention", q.device)
-    return _BACKWARD[backend](grad.contiguous(), q, k, v, mem_k, mem_v, self_bias, out, lse)
+    return KERNELS.run(q.device, grad.contiguous(), q, k, v, mem_k, mem_v, self_bias, out, lse, table="backward")
 
 
 @_diag_attention_backward_op.register_fake
@@ -239,7 +236,7 @@ def diag_attention(q: Tensor, k: Tensor, v: Tensor, mem_k: Tensor, mem_v: Tensor
         is chosen per device; the fused kernel never writes the (B, N, H, 1+M) logits to memory.
     """
     _check_inputs(q, k, v, mem_k, mem_v, self_bias)
-    opmath = _opmath(q.dtype)
+    compute = opmath(q.dtype)
     out, _ = _diag_attention_op(q.contiguous(), k.contiguous(), v.contiguous(), mem_k.contiguous(),
-                                mem_v.contiguous(), self_bias.to(opmath).contiguous())
+                                mem_v.contiguous(), self_bias.to(compute).contiguous())
     return out

@@ -18,22 +18,18 @@ triton_kernels/noise_gate.py) -> the torch ops `autoselect::noise_gate` and
 `noise_gate`, which checks its inputs and names what is wrong.
 """
 
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import _backends, _ext
+from ._dispatch import Kernels, check_values, compiled, opmath, triton
 
 ALPHA_GRAD_CLAMP = 1e-6
 _MASK32 = 0xFFFFFFFF
 _PHILOX_ROUND_A, _PHILOX_ROUND_B = 0xD2511F53, 0xCD9E8D57
 _PHILOX_KEY_A, _PHILOX_KEY_B = 0x9E3779B9, 0xBB67AE85
 _INT64_LIMIT = 1 << 63
-
-_backends.register_op("noise_gate", ("reference", "cpp", "cuda", "triton"))
-
 
 # ----------------------------------------------------------------------------------------------------
 # Reference
@@ -94,19 +90,22 @@ def noise_gate_ref(x: Tensor, alpha: Tensor, mean: Tensor, std: Tensor, *, seed:
     low-precision rounding (the baseline of the error rule in DESIGN.md section 7).
     """
     if compute_dtype is None:
-        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        compute_dtype = opmath(x.dtype)
     if noise is None:
         if seed is None:
             raise ValueError("noise_gate_ref: give a seed, or an explicit noise tensor")
         noise = gate_noise_ref(x.numel(), seed, offset, device=x.device).reshape(x.shape)
     a = alpha.to(compute_dtype).unsqueeze(-1)
     a_det = a.detach()
-    a_c = a_det.clamp(ALPHA_GRAD_CLAMP, 1 - ALPHA_GRAD_CLAMP)
+    # The clamp and the derivative denominators in at least float32: in fp16/bf16, 1 - 1e-6 rounds to
+    # 1 and sqrt(1 - a_c) to 0, which would make the (zero) derivative term 0 / 0 = NaN.
+    wide = opmath(compute_dtype)
+    a_c = alpha.detach().to(wide).unsqueeze(-1).clamp(ALPHA_GRAD_CLAMP, 1 - ALPHA_GRAD_CLAMP)
     # sqrt(a) and sqrt(1 - a) with the spec's clamped derivatives: the value is exact, and autograd
     # sees d/da = 1 / (2 sqrt(a_c)) and -1 / (2 sqrt(1 - a_c)), finite at a = 0 and a = 1.
-    delta = a - a_det
-    keep = torch.sqrt(a_det) + delta / (2 * torch.sqrt(a_c))
-    drop = torch.sqrt(1 - a_det) - delta / (2 * torch.sqrt(1 - a_c))
+    delta = (a - a_det).to(wide)
+    keep = torch.sqrt(a_det) + (delta / (2 * torch.sqrt(a_c))).to(compute_dtype)
+    drop = torch.sqrt(1 - a_det) - (delta / (2 * torch.sqrt(1 - a_c))).to(compute_dtype)
     m = mean.to(compute_dtype).detach()
     s = std.to(compute_dtype).detach()
     z = m + keep * (x.to(compute_dtype) - m) + drop * s * noise.to(compute_dtype).detach()
@@ -127,7 +126,7 @@ def noise_gate_backward_ref(grad: Tensor, x: Tensor, alpha: Tensor, mean: Tensor
     op-math dtype, cast to x's and alpha's dtypes. The tests hold it against autograd through
     `noise_gate_ref`; the reference backend runs it (custom ops run below autograd, so they cannot
     differentiate the reference themselves)."""
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = opmath(x.dtype)
     if noise is None:
         noise = gate_noise_ref(x.numel(), seed, offset, device=x.device).reshape(x.shape)
     a = alpha.to(compute)
@@ -146,42 +145,23 @@ def _backward_reference(grad, x, alpha, mean, std, noise, seed, offset, need_x_g
     return (grad_x if need_x_grad else x.new_empty(0), grad_alpha if need_alpha_grad else alpha.new_empty(0))
 
 
-def _forward_compiled(x, alpha, mean, std, noise, seed, offset):
-    _ext.extension()  # loads autoselect._C, which registers the autoselect_C ops
-    return torch.ops.autoselect_C.noise_gate_forward(x, alpha, mean, std, noise, seed, offset)
+KERNELS = Kernels("noise_gate", reference=_forward_reference, cpp=compiled("noise_gate_forward"),
+                  cuda=compiled("noise_gate_forward"), triton=triton("noise_gate", "noise_gate_forward"))
+KERNELS.add("backward", reference=_backward_reference, cpp=compiled("noise_gate_backward"),
+            cuda=compiled("noise_gate_backward"), triton=triton("noise_gate", "noise_gate_backward"))
 
 
-def _backward_compiled(grad, x, alpha, mean, std, noise, seed, offset, need_x_grad, need_alpha_grad):
-    _ext.extension()
-    return torch.ops.autoselect_C.noise_gate_backward(grad, x, alpha, mean, std, noise, seed, offset,
-                                                      need_x_grad, need_alpha_grad)
-
-
-def _forward_triton(x, alpha, mean, std, noise, seed, offset):
-    return _ext.triton_kernels().noise_gate.noise_gate_forward(x, alpha, mean, std, noise, seed, offset)
-
-
-def _backward_triton(grad, x, alpha, mean, std, noise, seed, offset, need_x_grad, need_alpha_grad):
-    return _ext.triton_kernels().noise_gate.noise_gate_backward(grad, x, alpha, mean, std, noise, seed, offset,
-                                                                need_x_grad, need_alpha_grad)
-
-
-_FORWARD = {"reference": _forward_reference, "cpp": _forward_compiled, "cuda": _forward_compiled,
-            "triton": _forward_triton}
-_BACKWARD = {"reference": _backward_reference, "cpp": _backward_compiled, "cuda": _backward_compiled,
-             "triton": _backward_triton}
-
-
-def _check_alpha_values(alpha: Tensor):
-    # One reduction and one host sync over B*N values; NaN fails both comparisons. On a GPU the sync
-    # stalls the launch queue once per call: AUTOSELECT_SKIP_VALUE_CHECKS=1 skips it (alpha from
-    # soft_topk is in [0, 1] by construction).
-    if os.environ.get("AUTOSELECT_SKIP_VALUE_CHECKS", "0") not in ("", "0"):
+def check_alpha(alpha: Tensor, where: str = "noise_gate"):
+    """alpha in [0, 1] with no NaN (NaN fails both comparisons), as a device-side check."""
+    if alpha.numel() == 0:
         return
-    if alpha.numel() and not bool(((alpha >= 0) & (alpha <= 1)).all()):
-        bad = alpha[~((alpha >= 0) & (alpha <= 1))]
-        raise ValueError(f"noise_gate: alpha must lie in [0, 1] with no NaN; found {bad.numel()} value(s) "
-                         f"outside, e.g. {bad.flatten()[:4].tolist()}")
+    inside = (alpha >= 0) & (alpha <= 1)
+
+    def details():
+        bad = alpha[~inside]
+        return f"{bad.numel()} value(s) outside, e.g. {bad.flatten()[:4].tolist()}"
+
+    check_values(inside.all(), f"{where}: alpha must lie in [0, 1] with no NaN", details)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -191,9 +171,8 @@ def _check_alpha_values(alpha: Tensor):
 @torch.library.custom_op("autoselect::noise_gate", mutates_args=())
 def _noise_gate_op(x: Tensor, alpha: Tensor, mean: Tensor, std: Tensor, noise: Optional[Tensor], seed: int,
                    offset: int) -> Tensor:
-    _check_alpha_values(alpha)
-    backend = _backends.choose("noise_gate", x.device)
-    return _FORWARD[backend](x, alpha, mean, std, noise, seed, offset)
+    check_alpha(alpha)
+    return KERNELS.run(x.device, x, alpha, mean, std, noise, seed, offset)
 
 
 @_noise_gate_op.register_fake
@@ -205,9 +184,8 @@ def _(x, alpha, mean, std, noise, seed, offset):
 def _noise_gate_backward_op(grad: Tensor, x: Tensor, alpha: Tensor, mean: Tensor, std: Tensor,
                             noise: Optional[Tensor], seed: int, offset: int, need_x_grad: bool,
                             need_alpha_grad: bool) -> tuple[Tensor, Tensor]:
-    backend = _backends.choose("noise_gate", x.device)
-    return _BACKWARD[backend](grad.contiguous(), x, alpha, mean, std, noise, seed, offset, need_x_grad,
-                              need_alpha_grad)
+    return KERNELS.run(x.device, grad.contiguous(), x, alpha, mean, std, noise, seed, offset, need_x_grad,
+                       need_alpha_grad, table="backward")
 
 
 @_noise_gate_backward_op.register_fake
@@ -266,7 +244,9 @@ def noise_gate(x: Tensor, alpha: Tensor, mean: Tensor, std: Tensor, *, seed: Opt
     Args:
         x: visual tokens, (B, N, D) or (T, D); float32, float16, bfloat16 (or float64).
         alpha: keep fraction per token in [0, 1], (B, N) or (T,); computed in float32 (float64 for
-            float64 x). Receives a gradient, as does x.
+            float64 x). Receives a gradient, as does x. A value outside [0, 1] or NaN is a ValueError,
+            checked on the device without a host sync: at once on the CPU, at the next
+            synchronisation on a GPU (AUTOSELECT_DEBUG_CHECKS=1 checks on the host, with details).
         mean, std: per-channel running statistics of the tokens, shape (D,); no gradient.
         seed: Philox seed in [0, 2**63); the noise is drawn in the kernel and drawn again in
             backward. May be None only when `noise` is given.
@@ -316,6 +296,6 @@ def noise_gate(x: Tensor, alpha: Tensor, mean: Tensor, std: Tensor, *, seed: Opt
         _check_seed_offset(seed, offset)
         noise = noise.to(x.dtype).contiguous()
 
-    opmath = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return _noise_gate_op(x.contiguous(), alpha.to(opmath).contiguous(), mean.to(opmath).contiguous(),
-                          std.to(opmath).contiguous(), noise, seed, offset)
+    compute = opmath(x.dtype)
+    return _noise_gate_op(x.contiguous(), alpha.to(compute).contiguous(), mean.to(compute).contiguous(),
+                          std.to(compute).contiguous(), noise, seed, offset)

@@ -17,16 +17,13 @@ csrc/select_cuda.cu) -> the torch op `autoselect::select_topk` (backend choice, 
 autograd for x) -> the functional `select_topk`, which checks its inputs and names what is wrong.
 """
 
-import os
 from numbers import Integral, Real
 from typing import List, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from .. import _backends, _ext
-
-_backends.register_op("select_topk", ("reference", "cpp", "cuda"))
+from ._dispatch import Kernels, check_values, compiled, opmath
 
 KeepSpec = Union[int, float]
 _X_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -91,19 +88,14 @@ def _packed_reference(x: Tensor, scores: Tensor, lengths: Sequence[int], ks: Seq
 # torch.library op on the packed layout
 # ----------------------------------------------------------------------------------------------------
 
-def _packed_compiled(x, scores, lengths, ks):
-    _ext.extension()  # loads autoselect._C, which registers the autoselect_C ops
-    return torch.ops.autoselect_C.select_topk(x, scores, list(lengths), list(ks))
-
-
-_PACKED = {"reference": _packed_reference, "cpp": _packed_compiled, "cuda": _packed_compiled}
+SELECT_KERNELS = Kernels("select_topk", reference=_packed_reference, cpp=compiled("select_topk"),
+                         cuda=compiled("select_topk"))
 
 
 @torch.library.custom_op("autoselect::select_topk", mutates_args=())
 def _select_topk_op(x: Tensor, scores: Tensor, lengths: List[int], ks: List[int]) -> tuple[Tensor, Tensor]:
     check_scores_finite(scores, "select_topk")  # inside the op: real values, also under torch.compile
-    backend = _backends.choose("select_topk", x.device)
-    return _PACKED[backend](x, scores, lengths, ks)
+    return SELECT_KERNELS.run(x.device, x, scores, lengths, ks)
 
 
 @_select_topk_op.register_fake
@@ -130,9 +122,14 @@ _select_topk_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _segment_starts(lengths, ks, device):
-    """For each kept row, the packed row where its image starts (turns local indices global)."""
-    starts = torch.tensor([0] + list(lengths[:-1]), dtype=torch.int64).cumsum(0)
-    return torch.repeat_interleave(starts, torch.tensor(list(ks), dtype=torch.int64)).to(device)
+    """For each kept row, the packed row where its image starts (turns local indices global). Built
+    from the Python lists on the host: no data-dependent op on the device."""
+    starts, rows = 0, []
+    for n, k in zip(lengths, ks):
+        rows.append(torch.full((k, ), starts, dtype=torch.int64))
+        starts += n
+    return torch.cat(rows).to(device, non_blocking=True) if rows else torch.empty(0, dtype=torch.int64,
+                                                                                    device=device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -140,16 +137,18 @@ def _segment_starts(lengths, ks, device):
 # ----------------------------------------------------------------------------------------------------
 
 def check_scores_finite(scores: Tensor, where: str):
-    """Raise a ValueError naming the first non-finite score (NaN or inf), with one host sync;
-    AUTOSELECT_SKIP_VALUE_CHECKS=1 skips it."""
-    if os.environ.get("AUTOSELECT_SKIP_VALUE_CHECKS", "0") not in ("", "0") or scores.numel() == 0:
+    """A ValueError when a score is NaN or inf, checked on the device without a host sync (see
+    `_dispatch.check_values`); with AUTOSELECT_DEBUG_CHECKS=1 the message names the first bad one."""
+    if scores.numel() == 0:
         return
     finite = torch.isfinite(scores)
-    if not bool(finite.all()):
+
+    def details():
         position = int((~finite).flatten().nonzero()[0])
-        value = scores.flatten()[position].item()
-        raise ValueError(f"{where}: scores must be finite; found {int((~finite).sum())} NaN or inf value(s), "
-                         f"the first at flat position {position} ({value})")
+        return (f"found {int((~finite).sum())} NaN or inf value(s), the first at flat position {position} "
+                f"({scores.flatten()[position].item()})")
+
+    check_values(finite.all(), f"{where}: scores must be finite (a NaN or inf score was found)", details)
 
 
 def _check_pair(x, scores, where, index_name=""):
@@ -204,7 +203,8 @@ def select_topk(x: Union[Tensor, Sequence[Tensor]], scores: Union[Tensor, Sequen
         x: visual tokens (B, N, D), fp32/fp16/bf16/fp64; or a ragged batch, a list of (N_i, D)
             tensors (different token counts per image, run in one launch without padding).
         scores: one score per token, (B, N) (or a list of (N_i,)); any float dtype, compared in
-            float32; must be finite (NaN or inf is a ValueError).
+            float32; must be finite (NaN or inf is a ValueError, checked on the device without a
+            host sync: at once on the CPU, at the next synchronisation on a GPU).
         k: tokens to keep per image: an int in [1, N], or a float in (0, 1] (a fraction of N,
             rounded, at least 1). For a ragged batch also a list with one budget per image.
 
@@ -240,19 +240,16 @@ def select_topk(x: Union[Tensor, Sequence[Tensor]], scores: Union[Tensor, Sequen
 # Fused scoring and selection
 # ----------------------------------------------------------------------------------------------------
 
-_backends.register_op("score_select", ("reference", "cpp", "cuda"))
-
-
 def score_tokens_ref(x: Tensor, hidden: Tensor, col_sum: Tensor, bias: Tensor, w2: Tensor, b2: float,
                      eps: float) -> Tensor:
     """The scores of the fused path in PyTorch (float32; float64 for float64 x): the Scorer
     LayerNorm -> Linear -> GELU -> Linear with the LayerNorm folded into the first layer, from
     hidden = x @ W'^T (csrc/select.h)."""
-    opmath = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xf = x.to(opmath)
+    compute = opmath(x.dtype)
+    xf = x.to(compute)
     var, mean = torch.var_mean(xf, dim=-1, correction=0, keepdim=True)
-    pre = (hidden.to(opmath) - mean * col_sum.to(opmath)) * torch.rsqrt(var + eps) + bias.to(opmath)
-    return (torch.nn.functional.gelu(pre) @ w2.to(opmath) + b2).to(torch.float32)
+    pre = (hidden.to(compute) - mean * col_sum.to(compute)) * torch.rsqrt(var + eps) + bias.to(compute)
+    return (torch.nn.functional.gelu(pre) @ w2.to(compute) + b2.to(compute)).to(torch.float32)
 
 
 def _score_select_reference(x, hidden, col_sum, bias, w2, b2, eps, lengths, ks):
@@ -261,20 +258,14 @@ def _score_select_reference(x, hidden, col_sum, bias, w2, b2, eps, lengths, ks):
     return kept, index, scores
 
 
-def _score_select_compiled(x, hidden, col_sum, bias, w2, b2, eps, lengths, ks):
-    _ext.extension()
-    return torch.ops.autoselect_C.score_select(x, hidden, col_sum, bias, w2, b2, eps, list(lengths), list(ks))
-
-
-_SCORE_SELECT = {"reference": _score_select_reference, "cpp": _score_select_compiled,
-                 "cuda": _score_select_compiled}
+SCORE_SELECT_KERNELS = Kernels("score_select", reference=_score_select_reference, cpp=compiled("score_select"),
+                               cuda=compiled("score_select"))
 
 
 @torch.library.custom_op("autoselect::score_select", mutates_args=())
-def _score_select_op(x: Tensor, hidden: Tensor, col_sum: Tensor, bias: Tensor, w2: Tensor, b2: float, eps: float,
+def _score_select_op(x: Tensor, hidden: Tensor, col_sum: Tensor, bias: Tensor, w2: Tensor, b2: Tensor, eps: float,
                      lengths: List[int], ks: List[int]) -> tuple[Tensor, Tensor, Tensor]:
-    backend = _backends.choose("score_select", x.device)
-    kept, index, scores = _SCORE_SELECT[backend](x, hidden, col_sum, bias, w2, b2, eps, lengths, ks)
+    kept, index, scores = SCORE_SELECT_KERNELS.run(x.device, x, hidden, col_sum, bias, w2, b2, eps, lengths, ks)
     check_scores_finite(scores, "score_select")  # a NaN or inf token gives a non-finite score
     return kept, index, scores
 
