@@ -40,7 +40,7 @@ def prefill_times(model, processor, selector, records, image_root: str, keep: in
 
     from .integrations import apply, revert
     from .training.data import ConversationCollator
-    from .training.trainer import visual_tokens
+    from .hf import visual_tokens
 
     collator = ConversationCollator(processor, image_root)
     inputs = collator([dict(r, conversations=r["conversations"][:2]) for r in records[:batch]], answers=False)
@@ -51,14 +51,18 @@ def prefill_times(model, processor, selector, records, image_root: str, keep: in
     def end_to_end():
         model(**inputs, logits_to_keep=1)
 
+    encoded = {"image": BaseModelOutputWithPooling(pooler_output=list(features))}
+
     def language_model():
-        model(**text_only, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=list(features))},
-              logits_to_keep=1)
+        model(**text_only, mm_encoder_outputs={"image": encoded["image"]}, logits_to_keep=1)
 
     times = {"full_end_to_end_ms": _median_time(end_to_end), "full_language_model_ms": _median_time(language_model)}
     apply(model, selector, method="autoselect", keep=keep)
     try:
         times["keep_end_to_end_ms"] = _median_time(end_to_end)
+        # encoded by the patched model, so a selector placed at the projector's input finds its tokens
+        with torch.no_grad():
+            encoded["image"] = model.get_image_features(pixel_values=inputs["pixel_values"], return_dict=True)
         times["keep_language_model_ms"] = _median_time(language_model)
     finally:
         revert(model)
@@ -88,7 +92,7 @@ def run(args) -> dict:
     from .show import show
     from .testbed import data as testbed
     from .training.data import load_records
-    from .training.trainer import load_vlm
+    from .hf import load_vlm
 
     for path, command in ((args.vlm, "python -m autoselect.testbed.train_vlm ... (see weights/tiny-vlm/README.md)"),
                           (args.selector, "autoselect train ... (see weights/tiny-vlm-selector/README.md)")):

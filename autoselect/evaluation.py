@@ -22,9 +22,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from .baselines import METHODS as BASELINE_METHODS
 from .training.data import ConversationCollator, load_records
 
-METHODS = ("full", "autoselect", "random", "norm", "fastv", "visionzip", "divprune")
+METHODS = ("full",) + BASELINE_METHODS  # "full": the unpatched model
 
 
 def normalise(text: str) -> str:
@@ -165,7 +166,7 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None):
 def run(args) -> List[dict]:
     """`autoselect eval` with parsed arguments: prints the table, writes the files, returns the rows."""
     from .modules.selector import AutoSelector
-    from .training.trainer import load_vlm
+    from .hf import load_vlm
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]

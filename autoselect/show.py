@@ -115,7 +115,7 @@ def run(args):
     from PIL import Image
 
     from .modules.selector import AutoSelector
-    from .training.trainer import load_vlm
+    from .hf import load_vlm
 
     model, processor = load_vlm(args.model)
     selector = AutoSelector.from_pretrained(args.selector) if args.selector else None

@@ -40,13 +40,15 @@ def test_exactly_k_per_image_and_deterministic(models, family, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_budget_errors(models, method):
+def test_budget_larger_than_the_image_and_errors(models, method):
     model, make_inputs = models["llava"]
     inputs = make_inputs((1, 1), "left")
-    with autoselect.pruned(model, method=method, keep=17):  # 16 tokens per image
-        with pytest.raises(ValueError, match=r"\[1, 16\]"):
-            with torch.no_grad():
-                model(**inputs)
+    with torch.no_grad():
+        reference = model(**inputs).logits
+    with autoselect.pruned(model, method=method, keep=17):  # 16 tokens per image: a larger budget keeps them all
+        with torch.no_grad():
+            assert torch.equal(model(**inputs).logits, reference)
+        assert [len(i) for i in last_selection(model).index] == [16, 16]
     for keep in (0, 1.5):
         with pytest.raises(ValueError):
             autoselect.apply(model, method=method, keep=keep)

@@ -12,9 +12,10 @@ from autoselect import AutoSelector, cli  # noqa: E402
 from conftest import save_tiny_testbed_vlm  # noqa: E402
 
 
-def test_demo_runs_and_writes_its_outputs(tmp_path, capsys):
+@pytest.mark.parametrize("placement", ["projector_output", "projector_input"])
+def test_demo_runs_and_writes_its_outputs(tmp_path, capsys, placement):
     save_tiny_testbed_vlm(tmp_path / "vlm")
-    selector = AutoSelector(32, scorer_hidden=8, denoiser=None)
+    selector = AutoSelector(32, scorer_hidden=8, denoiser=None, placement=placement)
     selector.save_pretrained(tmp_path / "selector")
     assert cli.main(["demo", "--vlm", str(tmp_path / "vlm"), "--selector", str(tmp_path / "selector"), "--data",
                      str(tmp_path / "data"), "--test", "8", "--keep", "128,64", "--methods", "full,autoselect,norm",

@@ -66,6 +66,7 @@ def test_training_keeps_vlm_frozen_lowers_loss_and_keeps_budget(setup, tmp_path)
         assert abs(e["alpha_sum_min"] - 16) < 1e-3 * 16 and abs(e["alpha_sum_max"] - 16) < 1e-3 * 16
     assert entries[0]["temperature"] == 1.0 and abs(entries[-1]["temperature"] - 0.05) < 1e-9
     selector = AutoSelector.from_pretrained(tmp_path / "a" / "selector")
+    assert selector.config["placement"] == "projector_input"  # LLaVA's default: before the frozen projector
     assert int(selector.token_count) == 8 * 576
     assert torch.equal(selector.scorer.fc1.weight, summary["selector"].scorer.fc1.weight)
 

@@ -9,35 +9,46 @@ indices (ascending, spatial order kept), exactly K_i = resolve_k(keep, N_i) per 
   language-model layer), `visionzip` (vision-tower attention + merged contextual tokens),
   `divprune` (max-min diversity). Each module documents its source paper and what is simplified.
 
-`make_method(name, selector, **options)` builds the method object the integration calls; the
-functional forms (`norm_select`, `random_select`, `divprune_select`, `visionzip_select`,
+A method is one file here with a `Method` subclass (`_common.py` documents the interface the
+integration calls) plus one line in `BASELINES` ("name": "module:Class"). `make_method(name,
+selector, **options)` builds the method object the integration calls; the functional forms (`norm_select`, `random_select`, `divprune_select`, `visionzip_select`,
 `fastv_select`) work on plain tensors.
 """
 
+import importlib
 import os
-from typing import Optional
 
+from ._common import Method
 from .divprune import DivPruneMethod, divprune_select
 from .fastv import FastVMethod, fastv_select, last_token_attention
 from .norm import NormMethod, norm_select
 from .random import RandomMethod, random_select
 from .visionzip import VisionZipMethod, visionzip_select
 
+# name -> "module:Class" under autoselect.baselines (or a Method class)
 BASELINES = {
-    "random": RandomMethod,
-    "norm": NormMethod,
-    "fastv": FastVMethod,
-    "visionzip": VisionZipMethod,
-    "divprune": DivPruneMethod,
+    "random": "random:RandomMethod",
+    "norm": "norm:NormMethod",
+    "fastv": "fastv:FastVMethod",
+    "visionzip": "visionzip:VisionZipMethod",
+    "divprune": "divprune:DivPruneMethod",
 }
 METHODS = ("autoselect",) + tuple(BASELINES)
 
 
-class AutoSelectMethod:
+def method_class(name: str):
+    """The class registered for baseline `name` in BASELINES."""
+    entry = BASELINES[name]
+    if isinstance(entry, str):
+        module, cls = entry.split(":")
+        return getattr(importlib.import_module(f".{module}", __name__), cls)
+    return entry
+
+
+class AutoSelectMethod(Method):
     """method="autoselect": the selector's Scorer + fused top-K (`selector.select(features, keep)`)."""
 
     name = "autoselect"
-    needs_vision_attention = False
 
     def __init__(self, selector):
         self.selector = selector
@@ -67,8 +78,8 @@ def load_selector(selector):
 def make_method(name: str, selector=None, **options):
     """The method object for `name` (see METHODS). Options: random: seed=0; fastv: layer=2 (FastV's K);
     visionzip: contextual=None. Unknown names and options raise ValueError / TypeError."""
-    if not isinstance(name, str) or name not in METHODS:
-        raise ValueError(f"autoselect.apply: unknown method {name!r}; choose one of {list(METHODS)}")
+    if not isinstance(name, str) or (name != "autoselect" and name not in BASELINES):
+        raise ValueError(f"autoselect.apply: unknown method {name!r}; choose one of {['autoselect', *BASELINES]}")
     if name == "autoselect":
         if options:
             raise TypeError(f"autoselect.apply: method='autoselect' takes no options, got {sorted(options)}")
@@ -76,11 +87,11 @@ def make_method(name: str, selector=None, **options):
     if selector is not None:
         raise ValueError(f"autoselect.apply: method={name!r} is training-free and takes no selector")
     try:
-        return BASELINES[name](**options)
+        return method_class(name)(**options)
     except TypeError as error:
         raise TypeError(f"autoselect.apply: bad options for method={name!r}: {error}") from None
 
 
-__all__ = ["BASELINES", "METHODS", "AutoSelectMethod", "DivPruneMethod", "FastVMethod", "NormMethod",
+__all__ = ["BASELINES", "METHODS", "AutoSelectMethod", "Method", "method_class", "DivPruneMethod", "FastVMethod", "NormMethod",
            "RandomMethod", "VisionZipMethod", "divprune_select", "fastv_select", "last_token_attention",
            "load_selector", "make_method", "norm_select", "random_select", "visionzip_select"]

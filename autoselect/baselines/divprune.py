@@ -16,7 +16,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._common import budgets
+from ._common import Method, budgets
 
 
 def divprune_index(x: Tensor, k: int) -> Tensor:
@@ -51,9 +51,8 @@ def divprune_select(features: Sequence[Tensor], keep) -> Tuple[List[Tensor], Lis
     return [f[i] for f, i in zip(features, index)], index
 
 
-class DivPruneMethod:
+class DivPruneMethod(Method):
     name = "divprune"
-    needs_vision_attention = False
 
     def select(self, features, keep, ctx=None):
         return divprune_select(features, keep)

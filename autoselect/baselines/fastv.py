@@ -14,12 +14,13 @@ and decoding shrink, at the price of the scoring pass, which costs K-1 layers pl
 row). The "last token" is the last attended column of each row (left or right padding).
 """
 
+import numbers
 from typing import List, Tuple
 
 import torch
 from torch import Tensor
 
-from ._common import topk_per_image
+from ._common import Method, topk_per_image
 
 
 class _Stop(Exception):
@@ -90,17 +91,23 @@ def fastv_select(features, keep, scores: List[Tensor]) -> Tuple[List[Tensor], Li
     return topk_per_image(features, scores, keep)
 
 
-class FastVMethod:
-    """FastV behind `autoselect.apply(..., method="fastv", layer=2)`: `layer` is FastV's K (the
-    tokens are ranked by the attention of layer K-1; K >= 1)."""
+class FastVMethod(Method):
+    """FastV behind `autoselect.apply(..., method="fastv", layer=2)`: `layer` is FastV's K, counted from
+    1 (the tokens are ranked by the attention of layer K-1, counted from 0); 1 <= K <= the number of
+    language-model layers, checked at apply time."""
 
     name = "fastv"
-    needs_vision_attention = False
 
     def __init__(self, layer: int = 2):
-        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
-            raise ValueError(f"method='fastv': layer (FastV's K) must be an int >= 1, got {layer!r}")
-        self.layer = layer
+        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral) or layer < 1:
+            raise ValueError(f"method='fastv': layer (FastV's K, counted from 1) must be an int >= 1, got {layer!r}")
+        self.layer = int(layer)
+
+    def bind(self, adapter, core):
+        count = len(adapter.language_model(core).layers)
+        if not 1 <= self.layer <= count:
+            raise ValueError(f"method='fastv': layer (FastV's K, counted from 1) must lie in [1, {count}] for this "
+                             f"model's {count} language-model layers, got {self.layer}")
 
     def select(self, features, keep, ctx):
         core, adapter, kw = ctx.core, ctx.adapter, ctx.kwargs

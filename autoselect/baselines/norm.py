@@ -11,7 +11,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._common import topk_per_image
+from ._common import Method, topk_per_image
 
 
 def norm_scores(x: Tensor) -> Tensor:
@@ -28,9 +28,8 @@ def norm_select(features: Sequence[Tensor], keep) -> Tuple[List[Tensor], List[Te
     return topk_per_image(features, [norm_scores(f) for f in features], keep)
 
 
-class NormMethod:
+class NormMethod(Method):
     name = "norm"
-    needs_vision_attention = False
 
     def select(self, features, keep, ctx=None):
         return norm_select(features, keep)

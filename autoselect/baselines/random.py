@@ -11,7 +11,7 @@ from typing import List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ._common import topk_per_image
+from ._common import Method, topk_per_image
 
 
 def random_select(features: Sequence[Tensor], keep, *, seed: int = 0) -> Tuple[List[Tensor], List[Tensor]]:
@@ -27,9 +27,8 @@ def random_select(features: Sequence[Tensor], keep, *, seed: int = 0) -> Tuple[L
     return topk_per_image(features, scores, keep)
 
 
-class RandomMethod:
+class RandomMethod(Method):
     name = "random"
-    needs_vision_attention = False
 
     def __init__(self, seed: int = 0):
         if isinstance(seed, bool) or not isinstance(seed, int):

@@ -12,75 +12,75 @@ What is simplified: (1) the budget split: `contextual` defaults to round(K * 10 
 (the language model's input), not on the vision features before the projector, so that it runs at
 the same place as every other method; a contextual token takes the position (and placeholder) of
 its target; (3) the attention is recomputed by our own pass on the captured inputs of that layer's
-attention (the tower keeps SDPA); (4) towers without a CLS token (Qwen2-VL, Qwen2.5-VL) rank a
+attention (the tower keeps SDPA), recorded through the family adapter while the patched model
+encodes the images; (4) towers without a CLS token (Qwen2-VL, Qwen2.5-VL) rank a
 merged token by the attention its patches RECEIVE in the last vision block (mean over heads and
 queries, summed over the 2x2 patches it merges), with keys averaged over those patches;
 (5) LLaVA-NeXT: the statistics of every crop are laid out by the model's own `pack_image_features`
 (newline tokens are never dominant and have a zero key).
 """
 
-import contextlib
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from ._common import budgets, topk_per_image
+from ._common import Method, budgets, topk_per_image
 
 
-@contextlib.contextmanager
-def capture_module_inputs(module):
-    """Record the `hidden_states` input (and keyword inputs) of every call of `module` while active:
-    yields a list; each entry is (hidden_states, kwargs)."""
-    captured = []
-
-    def hook(mod, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        captured.append((hidden.detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-
-    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def clip_attention_stats(attn, captured) -> Tuple[Tensor, Tensor]:
-    """CLIP-style attention module + its captured input (P, T, C) -> (CLS attention over the T tokens
-    (P, T), mean over heads; keys (P, T, head_dim), mean over heads), float32."""
-    hidden = captured[0]
-    p, t, _ = hidden.shape
-    heads, head_dim = attn.num_heads, attn.head_dim
-    q = attn.q_proj(hidden).view(p, t, heads, head_dim).transpose(1, 2).to(torch.float32)
-    k = attn.k_proj(hidden).view(p, t, heads, head_dim).transpose(1, 2).to(torch.float32)
-    scale = float(getattr(attn, "scale", head_dim ** -0.5))
-    cls = torch.softmax(torch.einsum("phd,phtd->pht", q[:, :, 0], k) * scale, dim=-1)  # (P, H, T)
-    return cls.mean(1), k.mean(1)
+def attention_stats(q: Tensor, k: Tensor, segments, scale: float, cls: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """Per tower token, from the queries and keys (H, S, d) of the scoring layer and its attention
+    sequences [(start, end)]: the dominance score (float32 (S,)) and the key (mean over heads, (S, d)).
+    With a CLS token (index `cls` in each sequence): the attention the CLS query pays each token, mean
+    over heads (VisionZip's rule); without: the attention each token receives, mean over heads and the
+    queries of its sequence."""
+    q, k = q.to(torch.float32), k.to(torch.float32)
+    scores = torch.empty(q.shape[1], dtype=torch.float32, device=q.device)
+    for start, end in segments:
+        keys = k[:, start:end]
+        if cls is not None:
+            probs = torch.softmax(torch.einsum("hd,htd->ht", q[:, start + cls], keys) * scale, dim=-1)
+            scores[start:end] = probs.mean(0)
+        else:
+            probs = torch.softmax(q[:, start:end] @ keys.transpose(1, 2) * scale, dim=-1)
+            scores[start:end] = probs.mean(dim=(0, 1))
+    return scores, k.mean(0)
 
 
-def qwen_attention_stats(attn, captured, merge: int) -> Tuple[Tensor, Tensor]:
-    """Qwen2-VL / Qwen2.5-VL vision attention + its captured input -> per MERGED token (in the order
-    the block saw them): attention received (mean over heads and queries of its segment, summed over
-    the merge^2 patches) and keys (mean over heads and patches), float32."""
-    import sys
+class VisionCapture:
+    """Records the input of the vision layer whose output becomes the features (through the adapter)
+    while the patched model encodes the images; `finish` turns it into per image (scores (N_i,),
+    keys (N_i, d)): tower tokens merged into one feature token add their scores and average their
+    keys; feature tokens without a tower token (LLaVA-NeXT's newlines) are never dominant (score
+    -inf) and have a zero key."""
 
-    hidden, kwargs = captured
-    seq = hidden.shape[0]
-    heads = attn.num_heads
-    q, k, _ = attn.qkv(hidden).reshape(seq, 3, heads, -1).permute(1, 0, 2, 3).unbind(0)
-    rotary = sys.modules[type(attn).__module__].apply_rotary_pos_emb_vision
-    cos, sin = kwargs["position_embeddings"]
-    q, k = rotary(q, k, cos, sin)
-    q, k = q.to(torch.float32).transpose(0, 1), k.to(torch.float32).transpose(0, 1)  # (H, S, d)
-    bounds = kwargs["cu_seqlens"].tolist()
-    received = torch.empty(seq, dtype=torch.float32, device=hidden.device)
-    for start, end in zip(bounds[:-1], bounds[1:]):
-        probs = torch.softmax(q[:, start:end] @ k[:, start:end].transpose(1, 2) * float(attn.scaling), dim=-1)
-        received[start:end] = probs.mean(dim=(0, 1))
-    unit = merge * merge
-    scores = received.view(-1, unit).sum(1)
-    keys = k.mean(0).view(-1, unit, k.shape[-1]).mean(1)
-    return scores, keys
+    def __init__(self, adapter, core, call_kw):
+        self.adapter, self.core, self.call_kw = adapter, core, call_kw
+
+    def __enter__(self):
+        from ..integrations import capture_inputs
+
+        self._capture = capture_inputs(self.adapter.vision_attention_module(self.core))
+        self.captured = self._capture.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._capture.__exit__(*exc)
+
+    def finish(self, features):
+        if not self.captured:
+            raise RuntimeError("method='visionzip': the vision tower's scoring layer did not run")
+        q, k, segments, scale, cls = self.adapter.vision_attention_inputs(self.core, self.captured[-1])
+        scores, keys = attention_stats(q, k, segments, scale, cls)
+        per_image_scores = self.adapter.tower_to_features(self.core, self.call_kw, scores, features)
+        per_image_keys = self.adapter.tower_to_features(self.core, self.call_kw, keys, features)
+        out = []
+        for s, kk in zip(per_image_scores, per_image_keys):
+            s = s.sum(1)
+            kk = kk.mean(1)
+            out.append((torch.where(torch.isnan(s), torch.full_like(s, float("-inf")), s),
+                        torch.nan_to_num(kk, nan=0.0)))
+        return out
 
 
 def default_contextual(k: int) -> int:
@@ -134,11 +134,10 @@ def visionzip_select(features: Sequence[Tensor], stats: Sequence[Tuple[Tensor, T
     return [o[0] for o in out], [o[1] for o in out]
 
 
-class VisionZipMethod:
+class VisionZipMethod(Method):
     """VisionZip behind `autoselect.apply(..., method="visionzip", contextual=None)`."""
 
     name = "visionzip"
-    needs_vision_attention = True
 
     def __init__(self, contextual: Optional[int] = None):
         if contextual is not None and (isinstance(contextual, bool) or not isinstance(contextual, int)
@@ -146,8 +145,20 @@ class VisionZipMethod:
             raise ValueError(f"method='visionzip': contextual must be an int >= 0 or None, got {contextual!r}")
         self.contextual = contextual
 
+    def bind(self, adapter, core):
+        adapter.vision_attention_module(core)  # the family must expose the scoring layer
+
+    def encoding_capture(self, adapter, core):
+        return lambda call_kw: VisionCapture(adapter, core, call_kw)
+
     def select(self, features, keep, ctx):
-        stats = ctx.vision_records.get("visionzip")
-        if stats is None:
-            raise RuntimeError("method='visionzip': the vision tower's attention was not recorded")
-        return visionzip_select(features, stats, keep, self.contextual)
+        return visionzip_select(features, ctx.encoding_records(), keep, self.contextual)
+
+    def kept_tokens(self, features, index, ctx):
+        """The dominant tokens and the merged contextual tokens as functions of the features (the same
+        selection, recomputed with gradients on)."""
+        ks = [int(i.numel()) for i in index]
+        kept, again = visionzip_select(features, ctx.encoding_records(), ks, self.contextual)
+        if not all(torch.equal(a, b.to(a.device)) for a, b in zip(again, index)):
+            raise RuntimeError("method='visionzip': the selection changed when recomputed with gradients")
+        return kept

@@ -7,10 +7,13 @@
     with autoselect.pruned(model, method="divprune", keep=0.25):  # the same, reverted on exit
         ...
 
-The patch is per instance: `model.forward` becomes an instance attribute (the class, the module
-globals and every other model are untouched) and one record `model._autoselect_patch`; `revert`
-deletes both. The family adapter comes from `config.model_type` through `ADAPTERS` (one small file
-per family). Supported transformers: >= 5.0, < 6 (the `cache` / `mm_encoder_outputs` interface of
+The patch is per instance: `model.forward`, `model.generate` and `model.prepare_inputs_for_generation`
+become instance attributes (and, for a method that records a signal while the images are encoded,
+the inner model's `get_image_features`); the class, the module globals and every other model are
+untouched; one record `model._autoselect_patch` holds what was there; `revert` restores it all.
+The family adapter comes from `config.model_type` through `ADAPTERS` (one small file per family,
+a subclass of `FamilyAdapter`); the method from `autoselect.baselines.BASELINES` (one file per
+method). Supported transformers: >= 5.0, < 6 (the `cache` / `mm_encoder_outputs` interface of
 5.x; verified on 5.24).
 """
 
@@ -18,7 +21,9 @@ import contextlib
 import importlib
 from typing import Union
 
-from ._core import Patch, make_forward, make_image_features
+from ._adapter import FamilyAdapter, capture_inputs
+from ._core import (Patch, make_forward, make_generate, make_image_features, make_prepare_inputs,
+                    normalize_keep)
 
 # model_type -> module (under autoselect.integrations) that defines ADAPTER
 ADAPTERS = {
@@ -62,33 +67,59 @@ def apply(model, selector=None, *, method: str = "autoselect", keep: Union[int, 
             with `AutoSelector.save_pretrained`. Must be None for the baselines.
         method: "autoselect", or a training-free baseline: "random", "norm", "fastv", "visionzip",
             "divprune" (see `autoselect.baselines`).
-        keep: tokens kept per image: an int >= 1, or a float in (0, 1] (a fraction of each image's
-            tokens). LLaVA-NeXT: per image (base view + crops + newlines together), not per crop.
-        **options: method options: random `seed=0`; fastv `layer=2` (FastV's K); visionzip
-            `contextual=None` (contextual tokens; default round(K * 10 / 64)).
+        keep: tokens kept per image: an integer >= 1 (any integral type: int, numpy integers, an
+            integer torch scalar; an image with fewer tokens keeps them all), or a real in (0, 1]
+            (a fraction of each image's tokens). LLaVA-NeXT: per image (base view + crops + newlines
+            together), not per crop.
+        **options: method options: random `seed=0`; fastv `layer=2` (FastV's K, counted from 1, at most
+            the number of language-model layers); visionzip `contextual=None` (contextual tokens;
+            default round(K * 10 / 64)).
 
     Returns: the same model object. A call with images then keeps K tokens per image; `generate()`,
-    a plain forward (with labels) and the KV cache see only text + kept tokens.
+    a plain forward (with labels, gradients reaching the kept tokens) and the KV cache see only text +
+    kept tokens.
 
-    Raises: ValueError for an unsupported model type (listing the supported ones), an unknown method,
-    a bad `keep` (checked again per image at run time: keep > N is an error), a missing selector;
-    RuntimeError if the model is already patched (call `autoselect.revert(model)` first).
+    The selector scores the tokens at the placement its config records (`selector.config["placement"]`:
+    "projector_input", the features the projector receives (LLaVA-1.5 / NeXT), or "projector_output",
+    its output (Qwen's merger output; the first release's selectors, whose configs have none)); the same
+    indices prune the projector's output.
+
+    Raises: ValueError for a selector trained at a placement this family does not offer or with another
+    token width there (naming both), for an unsupported model type (listing the supported ones), an unknown method,
+    a bad `keep` or method option (checked against the model, e.g. FastV's layer), a missing selector;
+    TypeError for a keep that is not a number; RuntimeError if the model is already patched (call
+    `autoselect.revert(model)` first). At run time, ValueError for what pruning cannot support (see
+    `autoselect.integrations._core`): static caches, chunked prefill, images in a call that continues
+    a non-empty cache.
     """
     adapter = get_adapter(model)
     if is_applied(model):
         raise RuntimeError("autoselect.apply: this model is already patched; call autoselect.revert(model) first "
                            "(or use the autoselect.pruned(...) context manager)")
-    _check_keep(keep)
+    keep = normalize_keep(keep)
     from ..baselines import make_method
 
     method_obj = make_method(method, selector, **options)
+    if method == "autoselect":  # the selector reads the tokens at its placement (checked by bind)
+        from ._selector import PlacedSelectorMethod
+
+        method_obj = PlacedSelectorMethod(method_obj.selector)
+    core = adapter.core(model)
+    bind = getattr(method_obj, "bind", None)
+    if bind is not None:
+        bind(adapter, core)  # validates the method's options against this model
     if method == "autoselect":
         _place_selector(method_obj.selector, model)
     patch = Patch(adapter=adapter, method=method_obj, keep=keep, original_forward=model.forward)
     _set(patch, model, "forward", make_forward(model, patch))
-    if method_obj.needs_vision_attention:
-        core = adapter.core(model)
-        _set(patch, core, "get_image_features", make_image_features(core, patch))
+    if callable(getattr(model, "generate", None)):
+        _set(patch, model, "generate", make_generate(model, patch))
+    if callable(getattr(model, "prepare_inputs_for_generation", None)):
+        _set(patch, model, "prepare_inputs_for_generation", make_prepare_inputs(model, patch))
+    capture = getattr(method_obj, "encoding_capture", None)
+    capture = capture(adapter, core) if capture is not None else None
+    if capture is not None:
+        _set(patch, core, "get_image_features", make_image_features(core, patch, capture))
     object.__setattr__(model, PATCH_ATTR, patch)
     return model
 
@@ -134,16 +165,6 @@ def last_selection(model):
     return model.__dict__[PATCH_ATTR].selection
 
 
-def _check_keep(keep):
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise TypeError(f"autoselect.apply: keep must be an int (tokens per image) or a float in (0, 1] "
-                        f"(fraction), got {type(keep).__name__}")
-    if isinstance(keep, int) and keep < 1:
-        raise ValueError(f"autoselect.apply: keep must be >= 1 token per image, got {keep}")
-    if isinstance(keep, float) and not 0.0 < keep <= 1.0:
-        raise ValueError(f"autoselect.apply: a fractional keep must lie in (0, 1], got {keep}")
-
-
 def _place_selector(selector, model):
     """Put an nn.Module selector on the model's device, in eval mode (it is not registered as a
     submodule, so the model's state_dict and save_pretrained are unchanged)."""
@@ -156,5 +177,5 @@ def _place_selector(selector, model):
         selector.eval()
 
 
-__all__ = ["ADAPTERS", "apply", "get_adapter", "is_applied", "last_selection", "pruned", "revert",
+__all__ = ["ADAPTERS", "FamilyAdapter", "apply", "capture_inputs", "get_adapter", "is_applied", "last_selection", "pruned", "revert",
            "supported_model_types"]

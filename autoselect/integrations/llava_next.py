@@ -11,9 +11,14 @@ it pays per image; the number of crops (and of valid tokens in each, after unpad
 the image's size, so a per-crop K would make the cost depend on the image's shape; (2) it lets the
 selector spend its budget where the content is (a crop of empty background can get nothing); (3) it
 matches how budgets are reported for LLaVA-NeXT (tokens per image). A fractional keep (e.g. 0.25)
-keeps that fraction of each image's packed tokens. Newline tokens are candidates like any other
-token (after pruning the grid's rows no longer exist, so they keep no special role); a score-based
-method ranks them like the rest, VisionZip never takes them as dominant (no attention of their own).
+keeps that fraction of each image's packed tokens; an int keep larger than an image's packed length
+keeps the whole image. Newline tokens are candidates like any other token (after pruning the grid's
+rows no longer exist, so they keep no special role); no tower token feeds them, so tower signals
+(`tower_to_features`) hold NaN there.
+
+Placement "projector_input" (the default, as for LLaVA-1.5): the crops' projector inputs are laid out
+like the packed features (the model's own `pack_image_features`); the newline tokens have no projector
+input, so a selector placed there never keeps them (it picks its K among the image's other tokens).
 """
 
 import torch
@@ -25,13 +30,7 @@ class LlavaNextAdapter(LlavaAdapter):
     name = "llava_next"
     model_types = ("llava_next",)
 
-    def has_images(self, kw) -> bool:
-        pixels = kw.get("pixel_values")
-        if pixels is not None and pixels.size(0) > 0:
-            return True
-        return bool(kw.get("mm_encoder_outputs")) and kw["mm_encoder_outputs"].get("image") is not None
-
-    def _get_image_features(self, core, kw):
+    def image_features(self, core, kw):
         return core.get_image_features(
             kw["pixel_values"],
             kw.get("image_sizes"),
@@ -40,27 +39,33 @@ class LlavaNextAdapter(LlavaAdapter):
             return_dict=True,
         )
 
-    def map_vision_stats(self, core, kw, scores, keys, features):
-        """Tower statistics per crop (P_total, T) -> per packed image token, through the model's own
+    def tower_to_features(self, core, call_kw, values, features):
+        """Per crop (P_total sequences) -> per packed image token, through the model's own
         `pack_image_features` (the same reshape, unpad and newline layout as the features)."""
+        return self.pack_per_crop(core, call_kw, self.tower_sequences(core, call_kw, values), features)
+
+    def projector_input_features(self, core, call_kw, captured, features):
+        packed = self.pack_per_crop(core, call_kw, captured, features)
+        return [p.squeeze(1).to(captured.dtype) for p in packed]
+
+    def pack_per_crop(self, core, call_kw, per_crop, features):
+        """(P_total, T', ...) per crop feature token -> per image (N_i, 1, ...) in the packed layout of
+        `features`, NaN at the newline tokens."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-        if self._strategy(core, kw) == "default":
-            scores, keys = scores[:, 1:], keys[:, 1:]
-        image_sizes = kw["image_sizes"]
+        trailing = per_crop.shape[2:]
+        flat = per_crop.reshape(per_crop.shape[0], per_crop.shape[1], -1).to(torch.float32)
+        image_sizes = call_kw["image_sizes"]
         num_patches = [image_size_to_num_patches(image_size=s, grid_pinpoints=core.config.image_grid_pinpoints,
                                                  patch_size=core.config.vision_config.image_size)
                        for s in image_sizes]
-        stacked = torch.cat([scores.unsqueeze(-1).to(keys.dtype), keys], dim=-1)  # (P, T, 1 + d)
-        marker = torch.zeros(stacked.shape[-1], dtype=stacked.dtype, device=stacked.device)
-        marker[0] = float("-inf")  # newline tokens: never dominant, zero key
-        packed, _ = core.pack_image_features(list(torch.split(stacked, num_patches, dim=0)), image_sizes,
-                                             vision_feature_select_strategy=self._strategy(core, kw),
-                                             image_newline=marker)
-        stats = [(p[:, 0], p[:, 1:]) for p in packed]
-        if [s.shape[0] for s, _ in stats] != [f.shape[0] for f in features]:
-            raise ValueError("autoselect visionzip: packed statistics and features do not line up")
-        return stats
+        newline = torch.full((flat.shape[-1],), float("nan"), dtype=flat.dtype, device=flat.device)
+        packed, _ = core.pack_image_features(list(torch.split(flat, num_patches, dim=0)), image_sizes,
+                                             vision_feature_select_strategy=self.strategy(core, call_kw),
+                                             image_newline=newline)
+        if [p.shape[0] for p in packed] != [f.shape[0] for f in features]:
+            raise ValueError("autoselect: packed tower tokens and image features do not line up")
+        return [p.reshape(p.shape[0], 1, *trailing) for p in packed]
 
 
 ADAPTER = LlavaNextAdapter()

@@ -17,9 +17,22 @@ Question types (one-word answers):
   location   Is the {color} {shape} on the left or the right? / ... at the top or the bottom?
              (asked only when the object lies entirely in one half)
 
+Captions (DESIGN.md section 1 item 5: the selector is trained on captions only, so it never sees an
+evaluated question type): one per image, derived from the scene description alone, e.g.
+  "there are 3 objects a red circle at the top left a blue cross a green square on the right"
+The total count ("there is 1 object" / "there are N objects"), then every object from left to right (by
+centre x, then y) as "a {color} {shape}" and its place: "at the {top|bottom} {left|right}", "at the
+{top|bottom}", "on the {left|right}", or nothing, where the words are the location questions' answers
+(the object lies entirely in that half of the image; nothing for an object across both middle lines).
+Every word is in `vocabulary()`, which the shipped tiny VLM's tokenizer is built from: it has no
+punctuation but "?" and ":", and no "and" or "middle", so the caption has neither. The prompt is
+CAPTION_PROMPT with `<image>` placed as in the question records.
+
 Files: `write_split` writes PNG images, `<split>.json` in the LLaVA conversation format
 ([{"id", "image", "conversations": [{"from": "human", "value": "...\\n<image>"}, {"from": "gpt", ...}],
-"type"}]) and `<split>_scenes.json` with the scene descriptions the answers come from.
+"type"}]), `<split>_scenes.json` with the scene descriptions the answers come from, and
+`<split>_captions.json`: one record per image, same format, "type": "caption" (`write_captions` adds
+it to a folder written without it). Captions draw no random numbers: writing them changes no other file.
 """
 
 import dataclasses
@@ -42,6 +55,8 @@ COLORS = {
     "orange": (245, 135, 20),
 }
 QUESTION_TYPES = ("color", "shape", "exist", "count", "location")
+CAPTION_TYPE = "caption"
+CAPTION_PROMPT = "What is in the image?"
 SPLITS = {"train": 0, "val": 1, "test": 2}
 MAX_OBJECTS = 5
 SIZE_RANGE = (34, 62)  # bounding-box side in pixels: about 2.5 to 4.5 patches
@@ -253,7 +268,8 @@ def make_questions(scene: Scene, rng: np.random.Generator, count: int,
 
 
 def vocabulary() -> List[str]:
-    """Every word a question or answer can contain, for a word-level tokenizer."""
+    """Every word a question, answer, caption or caption prompt can contain, for a word-level tokenizer.
+    The shipped tiny VLM's tokenizer (weights/tiny-vlm) is built from this list: change it append-only."""
     templates = ["What color is the {s}?", "What shape is the {c} object?", "Is there a {c} {s} in the image?",
                  "How many {c} objects are there?", "How many {p} are there?",
                  "Is the {c} {s} on the left or the right?", "Is the {c} {s} at the top or the bottom?"]
@@ -266,6 +282,9 @@ def vocabulary() -> List[str]:
     words.update(SHAPES)
     words.update(["yes", "no", "left", "right", "top", "bottom"])
     words.update(str(i) for i in range(MAX_OBJECTS + 1))
+    # Captions use these words only (the shipped tokenizer has them all: this adds no word).
+    words.update(split_words(CAPTION_PROMPT))
+    words.update(split_words("there is 1 object there are objects a at the on"))
     return sorted(words)
 
 
@@ -284,6 +303,58 @@ def split_words(text: str) -> List[str]:
     return out
 
 
+def _place(obj: SceneObject) -> str:
+    """Where the object lies, in the location questions' words ("" across both middle lines)."""
+    horizontal, vertical = _side(obj, "x"), _side(obj, "y")
+    if vertical and horizontal:
+        return f"at the {vertical} {horizontal}"
+    if vertical:
+        return f"at the {vertical}"
+    if horizontal:
+        return f"on the {horizontal}"
+    return ""
+
+
+def caption(scene: Scene) -> str:
+    """The scene in words: its object count, then each object's colour, shape and place, left to right
+    (see the module docstring). Depends on the scene description only."""
+    count = len(scene.objects)
+    words = ["there is 1 object" if count == 1 else f"there are {count} objects"]
+    for obj in sorted(scene.objects, key=lambda o: (o.x, o.y, o.color, o.shape)):
+        words.append(f"a {obj.color} {obj.shape}")
+        place = _place(obj)
+        if place:
+            words.append(place)
+    return " ".join(words)
+
+
+def caption_record(image_name: str, scene: Scene) -> dict:
+    """The LLaVA-format caption record of one image (prompt laid out like the question records')."""
+    stem = os.path.splitext(os.path.basename(image_name))[0]
+    return {
+        "id": f"{stem}_{CAPTION_TYPE}",
+        "image": image_name,
+        "type": CAPTION_TYPE,
+        "conversations": [{"from": "human", "value": f"{CAPTION_PROMPT}\n<image>"},
+                          {"from": "gpt", "value": caption(scene)}],
+    }
+
+
+def _dump_captions(out_dir: str, split: str, scenes: Dict[str, Scene]) -> int:
+    records = [caption_record(image_name, scene) for image_name, scene in scenes.items()]
+    with open(os.path.join(out_dir, f"{split}_captions.json"), "w") as handle:
+        json.dump(records, handle, indent=1)
+    return len(records)
+
+
+def write_captions(out_dir: str, split: str) -> int:
+    """Write `<split>_captions.json` from the `<split>_scenes.json` already under out_dir (a folder
+    written before captions existed: no image is rendered again). Returns the number of captions."""
+    with open(os.path.join(out_dir, f"{split}_scenes.json")) as handle:
+        scenes = {name: Scene.from_dict(scene) for name, scene in json.load(handle).items()}
+    return _dump_captions(out_dir, split, scenes)
+
+
 def generate(split: str, count: int, seed: int = 0, questions_per_image: int = 2):
     """Yield (index, scene, questions) for images 0..count-1 of a split. Image i of a split depends only
     on (seed, split, i), so a larger split extends a smaller one, and splits never share a seed."""
@@ -296,9 +367,9 @@ def generate(split: str, count: int, seed: int = 0, questions_per_image: int = 2
 
 
 def write_split(out_dir: str, split: str, count: int, seed: int = 0, questions_per_image: int = 2,
-                progress: bool = True) -> Dict[str, int]:
-    """Write `count` images of `split` with their questions under out_dir (see the module docstring).
-    Returns {question type: number of questions}."""
+                progress: bool = True, captions: bool = True) -> Dict[str, int]:
+    """Write `count` images of `split` with their questions (and, with `captions`, one caption each)
+    under out_dir (see the module docstring). Returns {question type: number of questions}."""
     from tqdm.auto import tqdm
 
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
@@ -307,7 +378,7 @@ def write_split(out_dir: str, split: str, count: int, seed: int = 0, questions_p
                                         desc=f"testbed {split}", disable=not progress):
         image_name = f"images/{split}_{index:06d}.png"
         render(scene).save(os.path.join(out_dir, image_name), optimize=False)
-        scenes[image_name] = scene.to_dict()
+        scenes[image_name] = scene
         for q_index, question in enumerate(questions):
             records.append({
                 "id": f"{split}_{index:06d}_{q_index}",
@@ -320,7 +391,9 @@ def write_split(out_dir: str, split: str, count: int, seed: int = 0, questions_p
     with open(os.path.join(out_dir, f"{split}.json"), "w") as handle:
         json.dump(records, handle, indent=1)
     with open(os.path.join(out_dir, f"{split}_scenes.json"), "w") as handle:
-        json.dump(scenes, handle)
+        json.dump({name: scene.to_dict() for name, scene in scenes.items()}, handle)
+    if captions:
+        _dump_captions(out_dir, split, scenes)
     return per_type
 
 

@@ -2,12 +2,27 @@
 
     autoselect train --model PATH --data train.json --images DIR --out OUT --keep 64 [--steps ...]
 
-Per step (DESIGN.md 1.5): the frozen vision tower and projector give the visual tokens V (no
-gradient); the AutoSelector runs Scorer -> soft top-K (temperature annealed geometrically from
---temperature-start to --temperature-end) -> noise gate -> Denoiser; the frozen language model reads
-Vhat in place of V (through transformers' `mm_encoder_outputs`, no patching) and its next-token loss
-on the answer tokens is the only objective. Only the AutoSelector's parameters are trained (AdamW,
-gradient accumulation, clipping); the VLM stays in eval mode with requires_grad off.
+Per step (DESIGN.md 1.5): the frozen vision tower gives the visual tokens V at the selector's
+placement (no gradient): `projector_input` (LLaVA's default: the selected vision layer's features,
+CLS dropped, as the projector receives them) or `projector_output` (the projector's output;
+--placement picks it). The AutoSelector runs Scorer -> soft top-K (temperature annealed from
+--temperature START:END, --temperature-schedule geometric or cosine) -> throttler -> Denoiser; at
+projector_input the frozen projector then maps Vhat to language-model tokens (the gradient flows
+through it into the selector); the frozen language model reads them in place of its own (through
+transformers' `mm_encoder_outputs`, no patching), and its next-token loss on the answer tokens is the
+only objective. Only the AutoSelector's parameters are trained (AdamW, linear warm-up then cosine
+learning rate, gradient accumulation, clipping); the VLM stays in eval mode with requires_grad off.
+Every AutoSelector option is a flag (--scorer-*, --denoiser*, --memory-slots, --throttler,
+--noise-stats, --soft-topk) and lands in the saved selector's config.
+
+Budgets: `--keep 64` trains at K = 64; `--keep 16:192` draws K per step uniformly from the integers
+16..192 (a function of --seed and the step: the same on every process, and after a resume), logged
+with each step; the selector's config then holds keep = 192 and keep_range = [16, 192].
+
+Early stopping (--val VAL.json): every --val-every steps the training loss of the selector (the
+gate at the schedule's final temperature, fixed noise; at the range's two ends averaged for a keep
+range) is measured on the validation conversations; OUT/best/ holds the best selector so far, the run
+stops after --patience evaluations without improvement (0: never), and OUT/selector/ is the best one.
 
 Deterministic from --seed: the data order (a permutation per epoch), the noise (counter-based:
 micro-step m of rank r draws at offset (m * world + r) * ceil(numel / 4)) and the initialisation, so
@@ -31,7 +46,9 @@ from typing import Optional
 
 import torch
 
-from ..modules.selector import AutoSelector
+from ..hf import freeze, load_vlm, visual_tokens  # noqa: F401 (freeze: re-exported)
+from ..integrations import capture_inputs, get_adapter
+from ..modules.selector import PLACEMENTS, AutoSelector
 from ..ops.noise_gate import noise_offsets
 from .data import IGNORE_INDEX, ConversationCollator, load_records
 
@@ -40,36 +57,75 @@ from .data import IGNORE_INDEX, ConversationCollator, load_records
 # The frozen VLM
 # ----------------------------------------------------------------------------------------------------
 
-def load_vlm(path: str, dtype: torch.dtype = torch.float32, device="cpu"):
-    """(model, processor) from a local folder, frozen: eval mode, no parameter requires grad."""
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    model = AutoModelForImageTextToText.from_pretrained(path, local_files_only=True, dtype=dtype)
-    return freeze(model.to(device)), processor
-
-
-def freeze(model):
-    """Eval mode and requires_grad off for every parameter; returns the model."""
-    model.eval()
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return model
-
-
 def text_width(model) -> int:
     config = model.config
     return int(getattr(getattr(config, "text_config", config), "hidden_size"))
 
 
+def training_adapter(model):
+    """The family adapter of the frozen VLM, for families the trainer's data path supports (LLaVA-1.5:
+    one image per conversation, `<image>` expanded by the processor)."""
+    adapter = get_adapter(model)
+    if adapter.name != "llava":
+        raise ValueError(f"autoselect train: the {adapter.name} family is not supported by the trainer yet (its data "
+                         "collator is LLaVA-1.5's); apply() supports it with a selector trained elsewhere")
+    return adapter
+
+
 @torch.no_grad()
-def visual_tokens(model, pixel_values) -> torch.Tensor:
-    """The projector's output for a batch of images: (B, N, D), no gradient."""
-    output = model.get_image_features(pixel_values=pixel_values.to(model.device, model.dtype), return_dict=True)
-    features = output.pooler_output if hasattr(output, "pooler_output") else output
-    if isinstance(features, (list, tuple)):
-        features = torch.stack(list(features))
-    return features
+def placement_tokens(model, pixel_values, placement: str) -> torch.Tensor:
+    """The visual tokens (B, N, D) at `placement`, no gradient: the projector's input
+    ("projector_input": the selected vision layer's features, CLS dropped for "default") or its
+    output ("projector_output")."""
+    if placement == "projector_output":
+        return visual_tokens(model, pixel_values)
+    adapter = get_adapter(model)
+    core = adapter.core(model)
+    with capture_inputs(adapter.projector(core)) as captured:
+        visual_tokens(model, pixel_values)
+    return captured[-1][0]
+
+
+def to_language_model(model, tokens, placement: str):
+    """The language-model tokens of `tokens` at `placement`: the frozen projector applied to them at
+    "projector_input" (gradients flow through it to `tokens`), unchanged at "projector_output"."""
+    if placement == "projector_output":
+        return tokens
+    adapter = get_adapter(model)
+    projector = adapter.projector(adapter.core(model))
+    return projector(tokens.to(model.dtype))
+
+
+def parse_keep(text) -> tuple:
+    """`--keep`: "64" -> (64, 64); "16:192" -> (16, 192). ValueError for anything else."""
+    try:
+        parts = [int(v) for v in str(text).split(":")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2) or not 1 <= parts[0] <= parts[-1]:
+        raise ValueError(f"--keep takes K (an int >= 1) or LOW:HIGH (1 <= LOW <= HIGH), got {text!r}")
+    return parts[0], parts[-1]
+
+
+def budget_at(step: int, keep: tuple, seed: int) -> int:
+    """The budget of `step`: K for a fixed keep, else uniform in LOW..HIGH from a generator seeded by
+    (seed, step): the same on every process of a run and after a resume."""
+    low, high = keep
+    if low == high:
+        return low
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + 7_919 * (step + 1) + 17) % (1 << 63))
+    return int(torch.randint(low, high + 1, (1,), generator=generator))
+
+
+def parse_temperature(text) -> tuple:
+    """`--temperature START:END` -> (start, end), both > 0."""
+    try:
+        start, end = (float(v) for v in str(text).split(":"))
+    except ValueError:
+        raise ValueError(f"--temperature takes START:END (e.g. 2.0:0.1), got {text!r}") from None
+    if not (start > 0 and end > 0):
+        raise ValueError(f"--temperature: both ends must be > 0, got {text!r}")
+    return start, end
 
 
 def forward_with_tokens(model, batch, tokens):
@@ -93,14 +149,25 @@ def answer_loss_sum(logits, labels):
 # Schedules, distributed helpers, checkpoints
 # ----------------------------------------------------------------------------------------------------
 
-def temperature_at(step: int, steps: int, start: float, end: float) -> float:
-    """Geometric annealing from `start` (step 0) to `end` (the last step)."""
+TEMPERATURE_SCHEDULES = ("geometric", "cosine")
+
+
+def temperature_at(step: int, steps: int, start: float, end: float, schedule: str = "geometric") -> float:
+    """The soft top-K temperature of `step` (0-based), from `start` (step 0) to `end` (the last step):
+    "geometric" (start * (end / start) ** t) or "cosine" (end + (start - end) (1 + cos(pi t)) / 2, the
+    PAPER's, 2.0 -> 0.1), t = step / (steps - 1)."""
+    if schedule not in TEMPERATURE_SCHEDULES:
+        raise ValueError(f"temperature schedule must be one of {', '.join(TEMPERATURE_SCHEDULES)}, got {schedule!r}")
     if steps <= 1:
         return end
-    return start * (end / start) ** (min(step, steps - 1) / (steps - 1))
+    t = min(step, steps - 1) / (steps - 1)
+    if schedule == "cosine":
+        return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
+    return start * (end / start) ** t
 
 
 def learning_rate_at(step: int, steps: int, lr: float, warmup: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `steps`."""
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
@@ -184,8 +251,80 @@ def batch_indices(step: int, micro: int, accumulation: int, batch_size: int, wor
     return order[start:start + batch_size].tolist()
 
 
+def selector_options(args, dim: int, placement: str, keep: tuple) -> dict:
+    """The AutoSelector's constructor arguments from the parsed flags (every option is a flag)."""
+    if args.scorer_layers == 0:
+        scorer = {"layers": 0, "hidden": args.scorer_hidden}
+    else:
+        scorer = {"layers": args.scorer_layers, "width": args.scorer_width, "heads": args.scorer_heads,
+                  "mlp_ratio": args.scorer_mlp_ratio}
+    kind = "none" if args.no_denoiser else args.denoiser
+    if kind == "none":
+        denoiser = "none"
+    else:
+        slots = args.memory_slots if args.memory_slots is not None else (0 if kind == "global" else 64)
+        denoiser = {"kind": kind, "heads": args.denoiser_heads, "head_dim": args.denoiser_head_dim,
+                    "memory_slots": slots, "mlp_ratio": args.denoiser_mlp_ratio}
+    options = dict(scorer=scorer, denoiser=denoiser, throttler=args.throttler, noise_stats=args.noise_stats,
+                   soft_topk=args.soft_topk, keep=keep[1], placement=placement)
+    if keep[0] != keep[1]:
+        options["keep_range"] = list(keep)
+    return options
+
+
+def _temperatures(args) -> tuple:
+    if args.temperature is not None:
+        return parse_temperature(args.temperature)
+    return args.temperature_start, args.temperature_end
+
+
+def batch_loss_sum(model, selector, batch, placement: str, *, temperature: float, k: int, seed: int, slot: int,
+                   base: int = 0):
+    """(sum of the answer-token loss of `batch` through the selector's gate, alpha (B, N)). The noise
+    is drawn at counter offset base + slot * noise_offsets(numel of the tokens)."""
+    tokens = placement_tokens(model, batch["pixel_values"], placement).float()
+    offset = base + slot * noise_offsets(tokens.numel())
+    vhat, alpha, _ = selector.gate(tokens, temperature=temperature, k=k, seed=seed, offset=offset)
+    logits = forward_with_tokens(model, batch, to_language_model(model, vhat, placement))
+    return answer_loss_sum(logits, batch["labels"]), alpha
+
+
+VALIDATION_OFFSET = 1 << 46  # noise counters of the validation batches: far from every training step's
+
+
+@torch.no_grad()
+def validation_loss(model, selector, collator, records, args, placement: str, keep: tuple, temperature: float,
+                    dist) -> float:
+    """The selector's training loss on the validation records (answer-token mean), at `temperature`
+    with fixed noise; for a keep range, the mean over its two ends. Batches are shared out over the
+    processes and the sums reduced, so every process gets the same value."""
+    budgets = sorted(set(keep))
+    totals = torch.zeros(2, dtype=torch.float64)
+    starts = list(range(0, len(records), args.batch_size))
+    for number, begin in enumerate(starts):
+        if number % dist.world != dist.rank:
+            continue
+        batch = collator(records[begin:begin + args.batch_size])
+        for k in budgets:
+            loss, _ = batch_loss_sum(model, selector, batch, placement, temperature=temperature, k=k, seed=args.seed,
+                                     slot=number, base=VALIDATION_OFFSET)
+            totals[0] += float(loss) / len(budgets)
+        totals[1] += float((batch["labels"] != IGNORE_INDEX).sum())
+    dist.sum_(totals)
+    return float(totals[0] / totals[1].clamp_min(1))
+
+
+def _copy_selector(source: Path, target: Path):
+    import shutil
+
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(source / name, target / name)
+
+
 def train(args) -> dict:
-    """Run the training described by the parsed arguments (see `build_parser`). Returns a summary."""
+    """Run the training described by the parsed arguments (see `build_parser`). Returns a summary
+    (first and last loss, steps run, the selector, and with --val the best validation loss and step)."""
     from tqdm.auto import tqdm
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -193,11 +332,21 @@ def train(args) -> dict:
     if device.type == "cuda" and dist.active:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    keep = parse_keep(args.keep)
+    t_start, t_end = _temperatures(args)
+    if args.temperature_schedule not in TEMPERATURE_SCHEDULES:
+        raise ValueError(f"--temperature-schedule must be one of {', '.join(TEMPERATURE_SCHEDULES)}")
     model, processor = load_vlm(args.model, dtype=dtype, device=device)
+    adapter = training_adapter(model)
     frozen_before = {name: p.detach().clone() for name, p in model.named_parameters()} if args.check_frozen else None
     records = load_records(args.data)
     collator = ConversationCollator(processor, args.images or os.path.dirname(os.path.abspath(args.data)),
                                     system=args.system)
+    val_records = val_collator = None
+    if args.val:
+        val_records = load_records(args.val)
+        val_collator = ConversationCollator(processor, args.val_images or os.path.dirname(os.path.abspath(args.val)),
+                                            system=args.system)
     out = Path(args.out)
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -208,21 +357,24 @@ def train(args) -> dict:
         resume = latest_checkpoint(out) if args.resume == "latest" else Path(args.resume)
         if resume is None:
             raise FileNotFoundError(f"--resume latest: no checkpoint-* folder in {out}")
+    state = {}
     if resume is not None:
         selector = AutoSelector.from_pretrained(resume, device=device)
         state = json.loads((resume / "trainer_state.json").read_text())
         start_step = int(state["step"])
+        placement = selector.config["placement"]
     else:
+        placement = args.placement or adapter.placements[0]
+        if placement not in adapter.placements:
+            raise ValueError(f"--placement {placement}: the {adapter.name} family offers {', '.join(adapter.placements)}")
         torch.manual_seed(args.seed)
-        denoiser = None if args.no_denoiser else {"heads": args.denoiser_heads, "head_dim": args.denoiser_head_dim,
-                                                  "memory_slots": args.memory_slots, "mlp_ratio": 2}
-        selector = AutoSelector(text_width(model), scorer_hidden=args.scorer_hidden, denoiser=denoiser,
-                                keep=args.keep).to(device)
+        dim = adapter.feature_width(adapter.core(model), placement)
+        selector = AutoSelector(dim, **selector_options(args, dim, placement, keep)).to(device)
         start_step = 0
         statistics_indices = torch.randperm(len(records), generator=torch.Generator().manual_seed(args.seed))
         for begin in range(0, min(args.stats_images, len(records)), args.batch_size):
             chunk = [records[i] for i in statistics_indices[begin:min(begin + args.batch_size, args.stats_images)]]
-            selector.update_statistics(visual_tokens(model, collator(chunk)["pixel_values"]).float())
+            selector.update_statistics(placement_tokens(model, collator(chunk)["pixel_values"], placement).float())
     selector.train()
     parameters = [p for p in selector.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay)
@@ -232,10 +384,18 @@ def train(args) -> dict:
     log_path = out / "train_log.jsonl"
     progress = tqdm(range(start_step, args.steps), desc="autoselect train", disable=dist.rank != 0 or not args.progress,
                     dynamic_ncols=True, initial=start_step, total=args.steps)
-    summary = {"first_loss": None, "last_loss": None, "steps": args.steps}
+    summary = {"first_loss": None, "last_loss": None, "steps": args.steps, "placement": placement}
+    early = {"best_val_loss": state.get("best_val_loss"), "best_step": state.get("best_step"),
+             "bad_evaluations": int(state.get("bad_evaluations", 0))}
+    stopped_at = None
     started = time.time()
+
+    def trainer_state(step_done):
+        return {"step": step_done, "seed": args.seed, "keep": args.keep, **early}
+
     for step in progress:
-        temperature = temperature_at(step, args.steps, args.temperature_start, args.temperature_end)
+        temperature = temperature_at(step, args.steps, t_start, t_end, args.temperature_schedule)
+        budget = budget_at(step, keep, args.seed)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, args.steps, args.lr, args.warmup)
         batches = [collator([records[i] for i in batch_indices(step, micro, args.grad_accum, args.batch_size,
@@ -245,12 +405,10 @@ def train(args) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss_total, alpha_sums = torch.zeros((), dtype=torch.float64), []
         for micro, batch in enumerate(batches):
-            tokens = visual_tokens(model, batch["pixel_values"]).float()
             micro_index = step * args.grad_accum + micro
-            offset = (micro_index * dist.world + dist.rank) * noise_offsets(tokens.numel())
-            vhat, alpha, _ = selector.gate(tokens, temperature=temperature, k=args.keep, seed=args.seed,
-                                           offset=offset)
-            loss = answer_loss_sum(forward_with_tokens(model, batch, vhat), batch["labels"]) / answer_tokens.item()
+            loss, alpha = batch_loss_sum(model, selector, batch, placement, temperature=temperature, k=budget,
+                                         seed=args.seed, slot=micro_index * dist.world + dist.rank)
+            loss = loss / answer_tokens.item()
             loss.backward()
             loss_total += loss.detach().double().cpu()
             alpha_sums.append(alpha.detach().sum(-1))
@@ -270,29 +428,52 @@ def train(args) -> dict:
         alpha_sum = torch.cat(alpha_sums)
         summary["first_loss"] = loss_value if summary["first_loss"] is None else summary["first_loss"]
         summary["last_loss"] = loss_value
+        entry = None
+        if (step + 1) % args.log_every == 0 or step == start_step or step + 1 == args.steps:
+            entry = {"step": step + 1, "loss": loss_value, "temperature": temperature,
+                     "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
+                     "alpha_sum_min": float(alpha_sum.min()), "alpha_sum_max": float(alpha_sum.max()),
+                     "keep": budget, "elapsed_s": round(time.time() - started, 2)}
+        stop = False
+        if val_records is not None and ((step + 1) % args.val_every == 0 or step + 1 == args.steps):
+            val = validation_loss(model, selector, val_collator, val_records, args, placement, keep, t_end, dist)
+            improved = early["best_val_loss"] is None or val < early["best_val_loss"]
+            if improved:
+                early.update(best_val_loss=val, best_step=step + 1, bad_evaluations=0)
+                if dist.rank == 0:
+                    save_checkpoint(out / "best", selector, optimizer, trainer_state(step + 1))
+            else:
+                early["bad_evaluations"] += 1
+            stop = bool(args.patience) and early["bad_evaluations"] >= args.patience and step + 1 < args.steps
+            entry = entry or {"step": step + 1, "keep": budget}
+            entry.update(val_loss=val, best_val_loss=early["best_val_loss"], best_step=early["best_step"])
+            if stop:
+                entry["early_stop"] = True
         if dist.rank == 0:
-            progress.set_postfix(loss=f"{loss_value:.3f}", T=f"{temperature:.3f}")
-            if (step + 1) % args.log_every == 0 or step == start_step or step + 1 == args.steps:
-                entry = {"step": step + 1, "loss": loss_value, "temperature": temperature,
-                         "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                         "alpha_sum_min": float(alpha_sum.min()), "alpha_sum_max": float(alpha_sum.max()),
-                         "keep": args.keep, "elapsed_s": round(time.time() - started, 2)}
+            progress.set_postfix(loss=f"{loss_value:.3f}", T=f"{temperature:.3f}", K=budget)
+            if entry is not None:
                 with open(log_path, "a") as handle:
                     handle.write(json.dumps(entry) + "\n")
-            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps:
-                save_checkpoint(out / f"checkpoint-{step + 1}", selector, optimizer,
-                                {"step": step + 1, "seed": args.seed, "keep": args.keep})
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps and not stop:
+                save_checkpoint(out / f"checkpoint-{step + 1}", selector, optimizer, trainer_state(step + 1))
         dist.barrier()
+        if stop:
+            stopped_at = step + 1
+            break
+    last = stopped_at or args.steps
     if dist.rank == 0:
-        selector.save_pretrained(out / "selector")
-        save_checkpoint(out / f"checkpoint-{args.steps}", selector, optimizer,
-                        {"step": args.steps, "seed": args.seed, "keep": args.keep})
+        save_checkpoint(out / f"checkpoint-{last}", selector, optimizer, trainer_state(last))
+        if val_records is not None and (out / "best").is_dir():
+            _copy_selector(out / "best", out / "selector")
+        else:
+            selector.save_pretrained(out / "selector")
     if frozen_before is not None:
         changed = [n for n, p in model.named_parameters() if not torch.equal(p, frozen_before[n])]
         if changed:
             raise RuntimeError(f"the frozen VLM changed during training: {changed[:5]}")
     dist.barrier()
     dist.close()
+    summary.update(steps_run=last, stopped_early=stopped_at is not None, **early)
     summary["selector"] = selector
     return summary
 
@@ -300,26 +481,57 @@ def train(args) -> dict:
 def build_parser(parser: Optional[argparse.ArgumentParser] = None):
     parser = parser or argparse.ArgumentParser(prog="autoselect train", description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="folder of the frozen Hugging Face VLM (local, LLaVA family)")
+    parser.add_argument("--model", required=True, help="folder of the frozen Hugging Face VLM (local, LLaVA-1.5)")
     parser.add_argument("--data", required=True, help="LLaVA-format JSON of training conversations")
     parser.add_argument("--images", help="folder the records' image paths are relative to (default: the JSON's folder)")
     parser.add_argument("--out", required=True, help="output folder (checkpoints, selector/, train_log.jsonl)")
-    parser.add_argument("--keep", type=int, default=64, help="visual tokens kept per image (the budget K)")
+    parser.add_argument("--keep", default="64",
+                        help="visual tokens kept per image: K (e.g. 64), or LOW:HIGH (e.g. 16:192) to draw K per step "
+                             "uniformly from that range (one selector for every budget)")
+    parser.add_argument("--placement", choices=PLACEMENTS,
+                        help="where the selector reads the tokens: projector_input (the features the projector "
+                             "receives; the family's default for LLaVA) or projector_output")
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=8, help="images per micro-batch per process")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (PAPER: 2e-4)")
     parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--warmup", type=int, default=50)
+    parser.add_argument("--warmup", type=int, default=50, help="linear warm-up steps, then cosine decay to 0")
     parser.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip")
+    parser.add_argument("--temperature", metavar="START:END",
+                        help="soft top-K temperature from START to END over the run (PAPER: 2.0:0.1 with "
+                             "--temperature-schedule cosine); default: --temperature-start to --temperature-end")
+    parser.add_argument("--temperature-schedule", choices=TEMPERATURE_SCHEDULES, default="geometric",
+                        help="how the temperature anneals (default geometric, the first release's; PAPER: cosine)")
     parser.add_argument("--temperature-start", type=float, default=1.0)
     parser.add_argument("--temperature-end", type=float, default=0.05)
-    parser.add_argument("--scorer-hidden", type=int, default=256)
+    parser.add_argument("--scorer-layers", type=int, default=0,
+                        help="Transformer blocks of the Scorer (PAPER: 2); 0: the per-token MLP (default)")
+    parser.add_argument("--scorer-width", type=int, default=1024, help="Scorer width (layers >= 1; PAPER: 1024)")
+    parser.add_argument("--scorer-heads", type=int, default=16, help="Scorer attention heads (layers >= 1; PAPER: 16)")
+    parser.add_argument("--scorer-mlp-ratio", type=int, default=4, help="Scorer MLP ratio (layers >= 1)")
+    parser.add_argument("--scorer-hidden", type=int, default=256, help="hidden width of the per-token MLP (layers 0)")
+    parser.add_argument("--denoiser", choices=("diagonal", "global", "none"), default="diagonal",
+                        help="diagonal (memory slots, no information between tokens), global (full self-attention: "
+                             "the leaking ablation) or none")
     parser.add_argument("--denoiser-heads", type=int, default=8)
     parser.add_argument("--denoiser-head-dim", type=int, default=64)
-    parser.add_argument("--memory-slots", type=int, default=64)
-    parser.add_argument("--no-denoiser", action="store_true", help="train the Scorer alone (z goes to the LM)")
+    parser.add_argument("--denoiser-mlp-ratio", type=int, default=2)
+    parser.add_argument("--memory-slots", type=int, default=None,
+                        help="the diagonal Denoiser's memory slots (default 64; 0: the PAPER's identity-mask block; "
+                             "global: 0)")
+    parser.add_argument("--no-denoiser", action="store_true", help="the same as --denoiser none")
+    parser.add_argument("--throttler", choices=("noise", "scale", "gumbel"), default="noise")
+    parser.add_argument("--noise-stats", choices=("running", "unit"), default="running",
+                        help="the noise gate's mean and std: running token statistics (OURS) or 0 and 1 (PAPER)")
+    parser.add_argument("--soft-topk", choices=("logistic", "laplace"), default="logistic",
+                        help="the budget gate: logistic (OURS) or laplace (PAPER's LapSum)")
     parser.add_argument("--stats-images", type=int, default=256, help="images for the token statistics")
+    parser.add_argument("--val", help="LLaVA-format JSON of validation conversations (early stopping)")
+    parser.add_argument("--val-images", help="folder of the validation images (default: the JSON's folder)")
+    parser.add_argument("--val-every", type=int, default=50, help="steps between validation evaluations")
+    parser.add_argument("--patience", type=int, default=0,
+                        help="stop after this many validation evaluations without improvement (0: never)")
     parser.add_argument("--system", help="system line before the first turn (LLaVA-1.5 uses one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="the frozen VLM's dtype")
