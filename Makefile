@@ -15,7 +15,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.autoselect-installed
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu) setup.py pyproject.toml autoselect/_build_flags.py
 
-.PHONY: demo test bench install clean gpu
+.PHONY: demo test bench install clean gpu test-transformers-floor
 
 demo: $(STAMP)
 	$(VENV)/bin/autoselect info
@@ -43,6 +43,23 @@ $(STAMP): $(SOURCES)
 
 clean:
 	rm -rf $(VENV) build autoselect/_C*.so *.egg-info
+
+# make test-transformers-floor: the integration tests on the OLDEST transformers the package supports
+# (pyproject: transformers>=$(TF_FLOOR)). That release alone (no dependencies) is installed into
+# $(TF_FLOOR_DIR) and put in front of .venv's site-packages: same torch, extension and test deps.
+# Nothing to do while .venv already runs that release (make test covers it); FORCE=1 runs it anyway.
+TF_FLOOR ?= 5.24.0
+TF_FLOOR_DIR ?= build/transformers-$(TF_FLOOR)
+INTEGRATION_TESTS = $(wildcard tests/test_integrations*.py) tests/test_baseline_signals.py
+
+test-transformers-floor: $(STAMP)
+	@have=$$($(PY) -c 'import transformers; print(transformers.__version__)'); \
+	if [ "$$have" = "$(TF_FLOOR)" ] && [ -z "$(FORCE)" ]; then \
+	  echo "transformers floor $(TF_FLOOR): .venv runs it already (make test covers it)"; exit 0; fi; \
+	[ -f $(TF_FLOOR_DIR)/transformers/__init__.py ] || \
+	  $(PY) -m pip install -q --no-deps --target $(TF_FLOOR_DIR) "transformers==$(TF_FLOOR)"; \
+	PYTHONPATH=$(abspath $(TF_FLOOR_DIR)) $(PY) -c 'import transformers; print("transformers", transformers.__version__, "from", transformers.__file__)' && \
+	PYTHONPATH=$(abspath $(TF_FLOOR_DIR)) $(PY) -m pytest -q -p no:cacheprovider $(INTEGRATION_TESTS)
 
 # make gpu: for a machine with a CUDA GPU where torch (a CUDA build), triton, transformers and pytest are
 # installed system-wide and nothing can be downloaded. A virtual environment in build/gpu-venv that sees the

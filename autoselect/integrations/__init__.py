@@ -13,8 +13,9 @@ the inner model's `get_image_features`); the class, the module globals and every
 untouched; one record `model._autoselect_patch` holds what was there; `revert` restores it all.
 The family adapter comes from `config.model_type` through `ADAPTERS` (one small file per family,
 a subclass of `FamilyAdapter`); the method from `autoselect.baselines.BASELINES` (one file per
-method). Supported transformers: >= 5.0, < 6 (the `cache` / `mm_encoder_outputs` interface of
-5.x; verified on 5.24).
+method). Supported transformers: >= 5.24, < 6 (the `cache=` argument of 5.24 and `mm_encoder_outputs`;
+5.18-5.23 ignore `cache=` and decode without the prompt's cache, 5.17 drops `mm_encoder_outputs`: the
+integration tests fail on each, `make test-transformers-floor` runs them on the floor).
 """
 
 import contextlib
