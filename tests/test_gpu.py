@@ -189,12 +189,9 @@ def test_select_topk_cuda_dtypes(dtype):
 
 
 def make_scorer(D, H, seed):
-    torch.manual_seed(seed)
-    scorer = autoselect.Scorer(D, layers=0, hidden=H)
-    with torch.no_grad():  # a non-trivial LayerNorm affine, so that the folding is exercised
-        scorer.norm.weight.uniform_(0.5, 1.5)
-        scorer.norm.bias.normal_(0, 0.3)
-    return scorer.cuda()
+    from test_select import make_scorer as make_cpu_scorer  # tests/ is on sys.path (pytest and script alike)
+
+    return make_cpu_scorer(D, H, seed).cuda()
 
 
 @pytest.mark.parametrize("B,N,D,k", [(1, 1, 8, 1), (2, 577, 40, 64), (8, 576, 1024, 64), (2, 2880, 4096, 64),

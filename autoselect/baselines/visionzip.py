@@ -25,6 +25,7 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..integrations._adapter import InputCapture
 from ._common import Method, budgets, topk_per_image
 
 
@@ -47,25 +48,15 @@ def attention_stats(q: Tensor, k: Tensor, segments, scale: float, cls: Optional[
     return scores, k.mean(0)
 
 
-class VisionCapture:
+class VisionCapture(InputCapture):
     """Records the input of the vision layer whose output becomes the features (through the adapter)
     while the patched model encodes the images; `finish` turns it into per image (scores (N_i,),
     keys (N_i, d)): tower tokens merged into one feature token add their scores and average their
     keys; feature tokens without a tower token (LLaVA-NeXT's newlines) are never dominant (score
     -inf) and have a zero key."""
 
-    def __init__(self, adapter, core, call_kw):
-        self.adapter, self.core, self.call_kw = adapter, core, call_kw
-
-    def __enter__(self):
-        from ..integrations import capture_inputs
-
-        self._capture = capture_inputs(self.adapter.vision_attention_module(self.core))
-        self.captured = self._capture.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._capture.__exit__(*exc)
+    def module(self):
+        return self.adapter.vision_attention_module(self.core)
 
     def finish(self, features):
         if not self.captured:

@@ -49,6 +49,26 @@ def capture_inputs(module):
         handle.remove()
 
 
+class InputCapture:
+    """A method's capture of one module's inputs while the patched model encodes the images: a
+    subclass names the module (`module()`, through the adapter) and turns what was recorded into per
+    image tensors (`finish(features)`). Used as a context manager around the encoding."""
+
+    def __init__(self, adapter, core, call_kw):
+        self.adapter, self.core, self.call_kw = adapter, core, call_kw
+
+    def module(self):
+        raise NotImplementedError
+
+    def __enter__(self):
+        self._capture = capture_inputs(self.module())
+        self.captured = self._capture.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._capture.__exit__(*exc)
+
+
 class FamilyAdapter:
     """What differs between VLM families, behind one small interface (see the module docstring).
     Subclasses set `name`, `model_types` and override what their family does differently."""

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..baselines import AutoSelectMethod
 from ..baselines._common import budgets
+from ._adapter import InputCapture
 
 DEFAULT_PLACEMENT = "projector_output"  # a selector without a recorded placement: the first release
 
@@ -55,22 +56,12 @@ def check_placement(adapter, core, placement: str, dim, where: str = "autoselect
                          f"{described}); use a selector trained on this model")
 
 
-class ProjectorInputCapture:
+class ProjectorInputCapture(InputCapture):
     """Records the projector's input while the images are encoded; `finish(features)` gives it per
     image, aligned with the projector's output features."""
 
-    def __init__(self, adapter, core, call_kw):
-        self.adapter, self.core, self.call_kw = adapter, core, call_kw
-
-    def __enter__(self):
-        from ._adapter import capture_inputs
-
-        self._capture = capture_inputs(self.adapter.projector(self.core))
-        self.captured = self._capture.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._capture.__exit__(*exc)
+    def module(self):
+        return self.adapter.projector(self.core)
 
     def finish(self, features) -> List[Tensor]:
         if len(self.captured) != 1:
