@@ -1,9 +1,12 @@
-"""Command line: `autoselect info | bench | train | eval | show | demo` (also `python -m autoselect ...`).
+"""Command line: `autoselect info | bench | train | eval | ablate | show | demo` (also `python -m autoselect`).
 
   info   versions, what is built, which backend each op uses on each device and why others are missing
   bench  benchmarks of the ops that exist, as a table; rows appended to CSV files with --results
   train  train an AutoSelector on a frozen VLM (autoselect.training.trainer)
-  eval   accuracy of the full model, AutoSelect and the baselines at several budgets (autoselect.evaluation)
+  eval   accuracy of the full model, AutoSelect and the baselines at several budgets, with paired-bootstrap
+         intervals of each difference to AutoSelect and to the full model (autoselect.evaluation)
+  ablate train each ablation variant (one option changed) and evaluate it against the full variant
+         (autoselect.ablate)
   show   a PNG of the visual tokens each method keeps (autoselect.show)
   demo   the shipped tiny VLM and selector: accuracy table, prefill speed-up, picture (autoselect.demo)
 """
@@ -174,6 +177,7 @@ def cmd_bench(args):
 WORKFLOWS = (
     ("train", "training.trainer", "train an AutoSelector on a frozen VLM (its next-token loss only)"),
     ("eval", "evaluation", "accuracy of full, AutoSelect and the baselines at several budgets"),
+    ("ablate", "ablate", "train the ablation variants and compare each with the full variant"),
     ("show", "show", "a PNG of the tokens each method keeps"),
     ("demo", "demo", "the shipped tiny VLM and selector: accuracy table, prefill speed-up, picture"),
 )
