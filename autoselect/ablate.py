@@ -16,7 +16,9 @@ one option changed from the base:
   soft-topk         --soft-topk logistic <-> laplace
   scorer            --scorer-layers 0 (per-token MLP) <-> 2 (Transformer, --scorer-width/--scorer-heads)
   keep              --keep K (fixed) -> --other-keep (default 16:192); a range LOW:HIGH -> HIGH
+  scorer+keep       both of those changes (the 2 x 2 of scorer and budget range with the two above)
 
+Any variants joined by "+" (e.g. "soft-topk+noise-stats") apply their changes one after the other.
 A variant that equals the base (e.g. throttler-gumbel when the base is gumbel) is an error. Each
 trained selector (OUT/variants/<name>/selector) is then evaluated with `autoselect eval`'s harness
 (method autoselect) at every keep of --keep-list on the questions of --test, the full model once.
@@ -41,8 +43,9 @@ import torch
 from . import evaluation
 from .training import trainer
 
-VARIANTS = ("full", "throttler-gumbel", "throttler-scale", "denoiser-global", "denoiser-none", "noise-stats",
-            "memory-slots", "soft-topk", "scorer", "keep")
+SINGLE_VARIANTS = ("full", "throttler-gumbel", "throttler-scale", "denoiser-global", "denoiser-none", "noise-stats",
+                   "memory-slots", "soft-topk", "scorer", "keep")
+VARIANTS = SINGLE_VARIANTS + ("scorer+keep",)  # the default list
 DEFAULT_MEMORY_SLOTS = 64
 
 
@@ -52,7 +55,16 @@ def _denoiser(args) -> str:
 
 def variant_args(base: argparse.Namespace, name: str, other_keep: Optional[str] = None):
     """(training arguments of variant `name`, "what changed" text): a copy of `base` with one option
-    changed. ValueError for an unknown variant or one that equals the base."""
+    changed ("a+b": a's change, then b's). ValueError for an unknown variant or one that equals the base."""
+    if "+" in name:
+        parts = name.split("+")
+        if "full" in parts or len(set(parts)) != len(parts) or not all(parts):
+            raise ValueError(f"variant {name!r}: join distinct variants other than full with '+'")
+        args, changes = base, []
+        for part in parts:
+            args, change = variant_args(args, part, other_keep)
+            changes.append(change)
+        return args, "; ".join(changes)
     args = copy.deepcopy(base)
     args.no_denoiser = False
     args.denoiser = _denoiser(base)
@@ -98,13 +110,13 @@ def variant_args(base: argparse.Namespace, name: str, other_keep: Optional[str] 
         if trainer.parse_keep(args.keep) == (low, high):
             raise ValueError(f"variant keep: --other-keep {args.keep} equals the base --keep {base.keep}")
         return args, f"keep {base.keep} -> {args.keep}"
-    raise ValueError(f"unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
+    raise ValueError(f"unknown variant {name!r}; choose from {', '.join(SINGLE_VARIANTS)} (or join them with '+')")
 
 
 def parse_variants(text: Optional[str]) -> List[str]:
     """The variants to run, "full" first (always: it is the reference); ValueError for unknown names."""
     names = [v.strip() for v in (text or ",".join(VARIANTS)).split(",") if v.strip()]
-    unknown = [v for v in names if v not in VARIANTS]
+    unknown = [v for v in names if not all(part in SINGLE_VARIANTS for part in v.split("+"))]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     return ["full"] + [v for v in dict.fromkeys(names) if v != "full"]
@@ -130,8 +142,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None):
         if action.dest == "out":
             action.help = "output folder: ablation.json, ablation.csv, variants/<name>/ (each variant's training)"
     group = parser.add_argument_group("ablation")
-    group.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default: all; full is "
-                                          "always run as the reference)")
+    group.add_argument("--variants", help=f"comma-separated list from {','.join(SINGLE_VARIANTS)}, or several joined "
+                                          f"with '+' (default: {','.join(VARIANTS)}; full is always run as the reference)")
     group.add_argument("--keep-list", type=_keep_list, default=[192, 128, 64, 32, 16],
                        help="budgets every selector is evaluated at (default 192,128,64,32,16)")
     group.add_argument("--other-keep", default="16:192", help="the keep variant's --keep when the base's is fixed")

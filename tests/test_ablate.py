@@ -49,6 +49,8 @@ EXPECTED = {
     "soft-topk": lambda keys: keys == {"soft_topk"},
     "scorer": lambda keys: "scorer.layers" in keys and all(k.split(".")[0] == "scorer" for k in keys),
     "keep": lambda keys: "keep_range" in keys and keys <= {"keep", "keep_range"},
+    "scorer+keep": lambda keys: "scorer.layers" in keys and "keep_range" in keys
+    and all(k.split(".")[0] in ("scorer", "keep", "keep_range") for k in keys),
 }
 
 
@@ -85,6 +87,16 @@ def test_variant_errors():
     with pytest.raises(ValueError, match="unknown variants"):
         ablate.parse_variants("full,magic")
     assert ablate.parse_variants("soft-topk,full,soft-topk") == ["full", "soft-topk"]
+    assert ablate.parse_variants("noise-stats+soft-topk") == ["full", "noise-stats+soft-topk"]
+    with pytest.raises(ValueError, match="unknown variants"):
+        ablate.parse_variants("scorer+magic")
+    base_ok = ablate.build_parser().parse_args(BASE)
+    for bad in ("scorer+scorer", "full+keep", "scorer+"):
+        with pytest.raises(ValueError, match="join distinct variants"):
+            ablate.variant_args(base_ok, bad)
+    both, change = ablate.variant_args(base_ok, "noise-stats+soft-topk")
+    assert changed(options(base_ok), options(both)) == {"noise_stats", "soft_topk"}
+    assert change == "noise_stats running -> unit; soft_topk logistic -> laplace"
     assert ablate.parse_variants(None) == list(ablate.VARIANTS)
     with pytest.raises(ValueError, match="--resume is not supported"):
         ablate.ablate(ablate.build_parser().parse_args(BASE + ["--resume", "latest"]))
