@@ -81,18 +81,32 @@ def test_transformer_scorer_round_trip(tmp_path):
     assert torch.equal(loaded.select(x, 4)[1], selector.select(x, 4)[1])
 
 
-def test_first_release_config_still_loads(tmp_path):
-    """A config written by the first release (scorer_hidden, eps, denoiser without a kind) loads."""
+def test_first_release_config_still_loads(tmp_path, monkeypatch):
+    """A config written by the first release (scorer_hidden, eps, denoiser without a kind, none of the
+    later options) loads with the first release's behaviour, whatever the defaults are now."""
     old = AutoSelector(24, scorer_hidden=16, eps=1e-6, denoiser=dict(heads=2, head_dim=8, memory_slots=4, mlp_ratio=2))
     old.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
-    for key in ("scorer", "throttler", "noise_stats", "soft_topk"):
+    for key in ("scorer", "throttler", "noise_stats", "soft_topk", "placement"):
         config.pop(key)
     config.update(scorer_hidden=16, eps=1e-6, denoiser=dict(heads=2, head_dim=8, memory_slots=4, mlp_ratio=2))
     (tmp_path / "config.json").write_text(json.dumps(config))
+    # defaults that differ from the first release's must not leak into an old config
+    for key, value in dict(throttler="scale", noise_stats="unit", soft_topk="laplace",
+                           placement="projector_input").items():
+        monkeypatch.setitem(AutoSelector.__init__.__kwdefaults__, key, value)
     loaded = AutoSelector.from_pretrained(tmp_path)
     assert loaded.config["scorer"] == {"layers": 0, "hidden": 16, "eps": 1e-6}
     assert loaded.config["denoiser"]["kind"] == "diagonal"
+    assert {k: loaded.config[k] for k in ("throttler", "noise_stats", "soft_topk", "placement")} == \
+        {"throttler": "noise", "noise_stats": "running", "soft_topk": "logistic", "placement": "projector_output"}
+    AutoSelector(24, scorer={"layers": 0, "hidden": 256}).save_pretrained(tmp_path / "mlp")
+    config = json.loads((tmp_path / "mlp" / "config.json").read_text())
+    del config["scorer"]  # no scorer entry at all: the first release's MLP of width 256
+    (tmp_path / "mlp" / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("autoselect.modules.selector.DEFAULT_SCORER", {"layers": 2, "width": 32, "heads": 2})
+    scorer = AutoSelector.from_pretrained(tmp_path / "mlp").config["scorer"]
+    assert (scorer["layers"], scorer["hidden"]) == (0, 256)
 
 
 @pytest.mark.parametrize("options, match", [

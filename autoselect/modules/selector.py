@@ -11,6 +11,7 @@ with `config.json` and `model.safetensors` (no pickle); loading checks that the 
 config and says what differs.
 """
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -44,6 +45,10 @@ NOISE_STATS = ("running", "unit")
 # or "projector_output" (the projector's output: Qwen2-VL / 2.5-VL's merger output, and the first
 # release's LLaVA selectors). A config without one (the first release) is "projector_output".
 PLACEMENTS = ("projector_input", "projector_output")
+# What a config written before an option existed meant: the first release's behaviour. from_pretrained
+# fills these in for the keys a file lacks, whatever the constructor's defaults have become since.
+FIRST_RELEASE = {"scorer": {"layers": 0, "hidden": 256}, "throttler": "noise", "noise_stats": "running",
+                 "soft_topk": "logistic", "placement": "projector_output"}
 
 
 def _denoiser_config(denoiser) -> dict:
@@ -270,6 +275,9 @@ class AutoSelector(nn.Module):
         if config.pop("format", None) != FORMAT:
             raise ValueError(f"AutoSelector.from_pretrained: {path / CONFIG_NAME} is not an AutoSelector config")
         config.pop("autoselect_version", None)
+        for key, value in FIRST_RELEASE.items():
+            if key not in config and not (key == "scorer" and ("scorer_hidden" in config or "eps" in config)):
+                config[key] = copy.deepcopy(value)
         try:
             dim = config.pop("dim")
             model = cls(dim, **config)
