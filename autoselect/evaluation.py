@@ -6,7 +6,8 @@ baselines, at several budgets, through one harness (DESIGN.md section 7).
 
 For each method and keep, the model is patched with `autoselect.apply(model, ...)` (reverted after),
 each record's first question is answered greedily with `generate()`, and the first word of the
-answer is compared with the reference (lower case, punctuation stripped). Reported: accuracy overall
+answer is compared with the reference (lower case, punctuation stripped): `score`, the package's one
+evaluator (the testbed's VLM training validates with it too, through `accuracy_of`). Reported: accuracy overall
 and per question type (the records' "type" field, when present), and retention = accuracy / the full
 model's accuracy. Written: a table on stdout, eval.json and eval.csv in --out.
 
@@ -162,6 +163,29 @@ def predict(model, collator: ConversationCollator, records: Sequence[dict], batc
     return answers
 
 
+def score(model, processor, records: Sequence[dict], image_root: str, *, batch_size: int = 16,
+          max_new_tokens: int = 4, progress=None, collator: Optional[ConversationCollator] = None) -> dict:
+    """The one scoring path of the package: greedy answers to each record's first question (`predict`,
+    in eval mode under no_grad; the model's train/eval mode is restored after) scored against the
+    references. Returns {"answers", "accuracy" (`accuracy`), "correct" (`correctness`)}. `evaluate` runs
+    it per method and keep; the testbed's VLM training validates with it (`accuracy_of`)."""
+    collator = collator or ConversationCollator(processor, image_root)
+    was_training = model.training
+    model.eval()
+    try:
+        answers = predict(model, collator, records, batch_size, max_new_tokens, progress)
+    finally:
+        model.train(was_training)
+    return {"answers": answers, "accuracy": accuracy(answers, records), "correct": correctness(answers, records)}
+
+
+def accuracy_of(model, processor, records: Sequence[dict], image_root: str, *, batch_size: int = 16,
+                max_new_tokens: int = 4) -> Dict[str, float]:
+    """The model's accuracy as it is (no pruning): {"all": ..., <type>: ...} of `score`."""
+    scored = score(model, processor, records, image_root, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    return scored["accuracy"]
+
+
 def evaluate(model, processor, records: Sequence[dict], image_root: str, *, methods: Sequence[str] = METHODS,
              keeps: Sequence = (192, 128, 64), selector=None, batch_size: int = 16, max_new_tokens: int = 4,
              seed: int = 0, progress: bool = True, resamples: int = 2000, bootstrap_seed: int = 0) -> List[dict]:
@@ -188,22 +212,22 @@ def evaluate(model, processor, records: Sequence[dict], image_root: str, *, meth
     for method, keep in runs:
         bar.set_postfix(method=method, keep=keep)
         started = time.time()
-        if method == "full":
-            answers = predict(model, collator, records, batch_size, max_new_tokens, bar)
-        else:
-            options = {"seed": seed} if method == "random" else {}
+        options = {"seed": seed} if method == "random" else {}
+        if method != "full":
             apply(model, selector if method == "autoselect" else None, method=method, keep=keep, **options)
-            try:
-                answers = predict(model, collator, records, batch_size, max_new_tokens, bar)
-            finally:
+        try:
+            scored = score(model, processor, records, image_root, batch_size=batch_size,
+                           max_new_tokens=max_new_tokens, progress=bar, collator=collator)
+        finally:
+            if method != "full":
                 revert(model)
-        scores = accuracy(answers, records)
+        scores = scored["accuracy"]
         if method == "full":
             full_accuracy = scores["all"]
         rows.append({"method": method, "keep": keep, "accuracy": scores,
                      "retention": scores["all"] / full_accuracy if full_accuracy else None,
                      "seconds": round(time.time() - started, 2), "count": len(records),
-                     "correct": correctness(answers, records), "ids": ids})
+                     "correct": scored["correct"], "ids": ids})
     bar.close()
     if records:
         add_differences(rows, resamples=resamples, seed=bootstrap_seed)

@@ -16,6 +16,8 @@ from typing import List, Optional, Sequence
 
 import torch
 
+from .conversation import IMAGE_TOKEN, llava_prompt
+
 
 def draw_selection(image, index: Sequence[int], grid: int, *, outline=(255, 40, 40), dim: float = 0.35):
     """A copy of `image` (PIL, square) with the patches in `index` (row-major over a grid x grid
@@ -67,7 +69,7 @@ def kept_indices(model, processor, image, *, method: str, keep, selector=None, p
     """The visual-token indices `method` keeps for `image` (one prefill of the patched model)."""
     from .integrations import apply, last_selection, revert
 
-    text = f"USER: {getattr(processor, 'image_token', '<image>')}\n{prompt} ASSISTANT:"
+    text = llava_prompt(f"{getattr(processor, 'image_token', IMAGE_TOKEN)}\n{prompt}")
     batch = processor(images=[image], text=[text], return_tensors="pt").to(model.device)
     options = {"seed": seed} if method == "random" else {}
     apply(model, selector if method == "autoselect" else None, method=method, keep=keep, **options)

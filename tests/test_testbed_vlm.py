@@ -8,7 +8,9 @@ import torch
 transformers = pytest.importorskip("transformers", reason="the tiny VLM needs transformers (in the [test] extra)")
 
 from autoselect.testbed import data, vlm  # noqa: E402
-from autoselect.testbed.train_vlm import IGNORE_INDEX, Encoder, main as train_main  # noqa: E402
+from autoselect.conversation import IGNORE_INDEX  # noqa: E402
+from autoselect.testbed.train_vlm import main as train_main  # noqa: E402
+from autoselect.training.data import ConversationCollator  # noqa: E402
 
 SMALL = dict(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1, text_heads=2)
 
@@ -60,10 +62,11 @@ def test_build_is_deterministic(processor):
         assert torch.equal(pa, pb), name
 
 
-def test_encoder_labels_only_answers(processor):
-    encoder = Encoder(processor)
-    ids, labels = encoder.conversation([("What color is the circle?", "red"), ("How many squares are there?", "2")])
-    assert ids.count(encoder.image_token_id) == 576  # the image comes once, with the first question
+def test_collator_labels_only_answers(processor):
+    collator = ConversationCollator(processor, ".")
+    ids, labels = collator.encode_turns([(vlm.image_question("What color is the circle?"), "red"),
+                                         ("How many squares are there?", "2")], vlm.NUM_PATCHES)
+    assert ids.count(collator.image_token_id) == 576  # the image comes once, with the first question
     supervised = [processor.tokenizer.convert_ids_to_tokens(t) for t in labels if t != IGNORE_INDEX]
     assert supervised == ["red", "</s>", "2", "</s>"]
     assert len(ids) == len(labels)

@@ -51,9 +51,9 @@ from typing import Any, Callable, List, Optional
 import torch
 from torch import Tensor
 
+from ..conversation import IGNORE_INDEX
 from ..ops.select import resolve_k
 
-IGNORE_INDEX = -100
 RECORDS_ATTR = "_autoselect_records"
 
 

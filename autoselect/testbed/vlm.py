@@ -15,6 +15,7 @@ weights/tiny-vlm/README.md).
 
 from typing import Optional
 
+from ..conversation import IMAGE_TOKEN, llava_prompt
 from .data import IMAGE_SIZE, PATCH_SIZE, vocabulary
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "<image>")
@@ -88,7 +89,12 @@ def build_model(seed: int = 0, tokenizer=None, **sizes):
     return model
 
 
+def image_question(question: str) -> str:
+    """The testbed's first question: the question, then the image ("{question}\\n<image>")."""
+    return f"{question}\n{IMAGE_TOKEN}"
+
+
 def prompt(question: str, answer: Optional[str] = None) -> str:
-    """LLaVA-1.5's single-turn prompt; with `answer`, the full training text ending in </s>."""
-    text = f"USER: {question}\n<image> ASSISTANT:"
-    return text if answer is None else f"{text} {answer}</s>"
+    """LLaVA-1.5's single-turn prompt (`conversation.llava_prompt`) with the image after the question;
+    with `answer`, the full training text ending in </s>."""
+    return llava_prompt(image_question(question), answer=answer)

@@ -4,17 +4,22 @@ A record is what LLaVA's instruction data holds:
     {"id": ..., "image": "relative/path.png",
      "conversations": [{"from": "human", "value": "<image>\\nQuestion?"}, {"from": "gpt", "value": "Answer"}, ...]}
 Turns alternate human / gpt; the `<image>` placeholder comes once, in the first human turn. The prompt
-follows LLaVA-1.5's template, "USER: {question} ASSISTANT: {answer}</s>", with an optional system line,
-and only the answer tokens (and their end-of-sequence token) carry labels.
+follows LLaVA-1.5's template, "USER: {question} ASSISTANT: {answer}</s>" (`autoselect.conversation`, the one
+place it is written), with an optional system line, and only the answer tokens (and their end-of-sequence
+token) carry labels. `ConversationCollator` is the package's one collator: the selector trainer and the
+evaluator give it records, the testbed's VLM training gives it loaded images and (question, answer) turns
+with a per-row image-token count (its curriculum).
 """
 
 import json
 import os
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-IGNORE_INDEX = -100
+from ..conversation import IGNORE_INDEX, IMAGE_TOKEN, llava_prompt
+
+__all__ = ["IGNORE_INDEX", "ConversationCollator", "load_records", "record_turns"]
 
 
 def load_records(path: str) -> List[dict]:
@@ -36,9 +41,20 @@ def load_records(path: str) -> List[dict]:
     return records
 
 
+def record_turns(record: dict) -> List[Tuple[str, Optional[str]]]:
+    """[(question, answer), ...] of a LLaVA-format record, in order (human turns are questions)."""
+    turns = record["conversations"]
+    return [(turns[i]["value"], turns[i + 1]["value"] if i + 1 < len(turns) else None)
+            for i in range(0, len(turns), 2)]
+
+
 class ConversationCollator:
-    """Turns records into model inputs: left-padded input_ids with each `<image>` expanded to the
+    """Turns conversations into model inputs: left-padded input_ids with each `<image>` expanded to the
     model's number of image tokens, attention_mask, labels on answers only, and pixel_values.
+
+    Records go through `__call__` (images loaded from `image_root`); loaded images with
+    [(question, answer), ...] turns go through `batch`, which also takes a per-row image-token count
+    (fewer tokens than the processor gives, for a model fed a subset of its visual tokens).
 
     Args:
         processor: the model's processor (a tokenizer with an `<image>` token and an image processor).
@@ -51,7 +67,7 @@ class ConversationCollator:
         self.tokenizer = processor.tokenizer
         self.image_root = image_root
         self.system = system
-        self.image_token = getattr(processor, "image_token", "<image>")
+        self.image_token = getattr(processor, "image_token", IMAGE_TOKEN)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
         if self.image_token_id is None or self.image_token_id == self.tokenizer.unk_token_id:
             raise ValueError(f"the tokenizer has no {self.image_token!r} token")
@@ -63,6 +79,7 @@ class ConversationCollator:
         self._image_tokens = None
 
     def load_image(self, record):
+        """The record's image (RGB), read from `image_root`."""
         from PIL import Image
 
         with Image.open(os.path.join(self.image_root, record["image"])) as image:
@@ -78,18 +95,17 @@ class ConversationCollator:
     def _ids(self, text: str):
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode(self, record, image_tokens: int, *, answers: bool = True):
-        """(ids, labels) of one conversation; with answers=False only the prompt of the first turn
-        (for evaluation), ending in "ASSISTANT:"."""
+    def encode_turns(self, turns: Sequence[Tuple[str, Optional[str]]], image_tokens: int, *, answers: bool = True):
+        """(ids, labels) of [(question, answer), ...]: each turn is `llava_prompt(question.strip())` (the
+        system line before the first), then the answer's ids and end-of-sequence token, which alone carry
+        labels. The image placeholder stays where the first question has it ("<image>\n" is put before a
+        first question without one) and expands to `image_tokens` tokens. With answers=False only the
+        first turn's prompt, ending in "ASSISTANT:" (for generation)."""
         ids, labels = list(self.bos_ids), [IGNORE_INDEX] * len(self.bos_ids)
-        turns = record["conversations"]
-        for index in range(0, len(turns), 2):
-            question = turns[index]["value"]
+        for index, (question, answer) in enumerate(turns):
             if index == 0 and self.image_token not in question:
                 question = f"{self.image_token}\n{question}"
-            head = f"USER: {question.strip()} ASSISTANT:"
-            if index == 0 and self.system:
-                head = f"{self.system} {head}"
+            head = llava_prompt(question.strip(), system=self.system if index == 0 else None)
             head_ids = []
             for token in self._ids(head):
                 head_ids += [self.image_token_id] * image_tokens if token == self.image_token_id else [token]
@@ -97,23 +113,40 @@ class ConversationCollator:
             labels += [IGNORE_INDEX] * len(head_ids)
             if not answers:
                 return ids, labels
-            answer_ids = self._ids(turns[index + 1]["value"].strip()) + [self.eos_id]
+            answer_ids = self._ids(answer.strip()) + [self.eos_id]
             ids += answer_ids
             labels += answer_ids
         return ids, labels
 
-    def __call__(self, records: Sequence[dict], *, answers: bool = True):
-        images = [self.load_image(r) for r in records]
-        count = self.image_tokens(images[0])
-        encoded = [self.encode(r, count, answers=answers) for r in records]
+    def encode(self, record, image_tokens: int, *, answers: bool = True):
+        """(ids, labels) of one record's conversation (`encode_turns` of its turns); with answers=False
+        only the prompt of the first turn (for evaluation), ending in "ASSISTANT:"."""
+        return self.encode_turns(record_turns(record), image_tokens, answers=answers)
+
+    def pad(self, encoded: Sequence[Tuple[list, list]]) -> dict:
+        """input_ids, attention_mask and labels of (ids, labels) rows, left-padded (as for generation)."""
         width = max(len(ids) for ids, _ in encoded)
         input_ids = torch.full((len(encoded), width), self.pad_id, dtype=torch.long)
         labels = torch.full((len(encoded), width), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-        for row, (ids, labs) in enumerate(encoded):  # left padding, as for generation
+        for row, (ids, labs) in enumerate(encoded):
             input_ids[row, width - len(ids):] = torch.tensor(ids)
             labels[row, width - len(ids):] = torch.tensor(labs)
             attention_mask[row, width - len(ids):] = 1
-        pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-                "pixel_values": pixel_values}
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def batch(self, images: Sequence, conversations: Sequence[Sequence[Tuple[str, Optional[str]]]],
+              image_tokens: Optional[Sequence[int]] = None, *, answers: bool = True) -> dict:
+        """Model inputs of loaded images (PIL) and their conversations ([(question, answer), ...] each):
+        input_ids, attention_mask, labels (`pad`) and pixel_values. Row i's image expands to
+        image_tokens[i] tokens (default: the processor's count)."""
+        if image_tokens is None:
+            image_tokens = [self.image_tokens(images[0])] * len(conversations)
+        batch = self.pad([self.encode_turns(turns, n, answers=answers)
+                          for turns, n in zip(conversations, image_tokens)])
+        batch["pixel_values"] = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        return batch
+
+    def __call__(self, records: Sequence[dict], *, answers: bool = True):
+        """Model inputs of LLaVA-format records (see `batch`), images read from `image_root`."""
+        return self.batch([self.load_image(r) for r in records], [record_turns(r) for r in records], answers=answers)

@@ -31,13 +31,16 @@ the same steps as one process on W * B (the loss is a sum over answer tokens div
 count, the gradients are summed over processes). Several processes: `torchrun --nproc-per-node N
 -m autoselect train ...` (gloo on the CPU, nccl on GPUs).
 
+The loop is `training.loop.Trainer`'s (shared with the testbed's VLM training): `_setup` builds the
+VLM, the data, the selector and the Trainer, `_train_step` runs one step, `_evaluate` one validation,
+`_finish` writes the last checkpoint and the selector.
+
 Checkpoints: OUT/checkpoint-<step>/ holds the selector (config.json + model.safetensors), the
 optimizer state (optimizer.safetensors) and trainer_state.json; OUT/selector/ the final selector;
 OUT/train_log.jsonl one line per logged step.
 """
 
 import argparse
-import json
 import math
 import os
 import time
@@ -51,6 +54,7 @@ from ..integrations import capture_inputs, get_adapter
 from ..modules.selector import PLACEMENTS, AutoSelector
 from ..ops.noise_gate import noise_offsets
 from .data import IGNORE_INDEX, ConversationCollator, load_records
+from .loop import Trainer, learning_rate_at, restore_optimizer, save_optimizer  # noqa: F401 (re-exported)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -166,14 +170,6 @@ def temperature_at(step: int, steps: int, start: float, end: float, schedule: st
     return start * (end / start) ** t
 
 
-def learning_rate_at(step: int, steps: int, lr: float, warmup: int) -> float:
-    """Linear warm-up over `warmup` steps, then cosine decay to 0 at `steps`."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, steps - warmup)
-    return lr * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-
 class Distributed:
     """Rank and world size from torchrun's environment; a no-op with one process."""
 
@@ -201,29 +197,8 @@ class Distributed:
 
 def save_checkpoint(folder: Path, selector, optimizer, state: dict):
     """Selector (safetensors + config), optimizer state (safetensors) and trainer state (JSON)."""
-    from safetensors.torch import save_file
-
     selector.save_pretrained(folder)
-    optimizer_state = optimizer.state_dict()
-    tensors = {}
-    for index, entry in optimizer_state["state"].items():
-        for name, value in entry.items():
-            tensors[f"state.{index}.{name}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    save_file(tensors, str(folder / "optimizer.safetensors"))
-    (folder / "trainer_state.json").write_text(json.dumps({**state, "param_groups": optimizer_state["param_groups"]},
-                                                          indent=1) + "\n")
-
-
-def restore_optimizer(folder: Path, optimizer, state: dict):
-    """Load the optimizer state written by `save_checkpoint` into `optimizer`."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(folder / "optimizer.safetensors"))
-    per_param = {}
-    for key, value in tensors.items():
-        _, index, name = key.split(".", 2)
-        per_param.setdefault(int(index), {})[name] = value
-    optimizer.load_state_dict({"state": per_param, "param_groups": state["param_groups"]})
+    save_optimizer(folder, optimizer, state)
 
 
 def latest_checkpoint(out: Path) -> Optional[Path]:
@@ -322,11 +297,25 @@ def _copy_selector(source: Path, target: Path):
         shutil.copyfile(source / name, target / name)
 
 
-def train(args) -> dict:
-    """Run the training described by the parsed arguments (see `build_parser`). Returns a summary
-    (first and last loss, steps run, the selector, and with --val the best validation loss and step)."""
-    from tqdm.auto import tqdm
+class _Run:
+    """What one `train` call holds between its steps (built by `_setup`)."""
 
+    def __init__(self, **fields):
+        self.__dict__.update(fields)
+
+    def trainer_state(self, step_done: int) -> dict:
+        """trainer_state.json's fields (besides the optimizer's param_groups)."""
+        return {"step": step_done, "seed": self.args.seed, "keep": self.args.keep, **self.early()}
+
+    def early(self) -> dict:
+        """The early-stopping bookkeeping under the names of trainer_state.json and the summary."""
+        return {"best_val_loss": self.trainer.best, "best_step": self.trainer.best_step,
+                "bad_evaluations": self.trainer.bad_evaluations}
+
+
+def _setup(args) -> _Run:
+    """The frozen VLM, the data, the selector (new, with its token statistics, or resumed) and its
+    `Trainer` (AdamW, `learning_rate_at`, the log, the progress bar)."""
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dist = Distributed(device)
     if device.type == "cuda" and dist.active:
@@ -351,131 +340,160 @@ def train(args) -> dict:
     if dist.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
     dist.barrier()
-
     resume = None
     if args.resume:
         resume = latest_checkpoint(out) if args.resume == "latest" else Path(args.resume)
         if resume is None:
             raise FileNotFoundError(f"--resume latest: no checkpoint-* folder in {out}")
-    state = {}
     if resume is not None:
         selector = AutoSelector.from_pretrained(resume, device=device)
-        state = json.loads((resume / "trainer_state.json").read_text())
-        start_step = int(state["step"])
         placement = selector.config["placement"]
     else:
         placement = args.placement or adapter.placements[0]
         if placement not in adapter.placements:
-            raise ValueError(f"--placement {placement}: the {adapter.name} family offers {', '.join(adapter.placements)}")
-        torch.manual_seed(args.seed)
-        dim = adapter.feature_width(adapter.core(model), placement)
-        selector = AutoSelector(dim, **selector_options(args, dim, placement, keep)).to(device)
-        start_step = 0
-        statistics_indices = torch.randperm(len(records), generator=torch.Generator().manual_seed(args.seed))
-        for begin in range(0, min(args.stats_images, len(records)), args.batch_size):
-            chunk = [records[i] for i in statistics_indices[begin:min(begin + args.batch_size, args.stats_images)]]
-            selector.update_statistics(placement_tokens(model, collator(chunk)["pixel_values"], placement).float())
+            raise ValueError(f"--placement {placement}: the {adapter.name} family offers "
+                             f"{', '.join(adapter.placements)}")
+        selector = _new_selector(args, model, adapter, collator, records, placement, keep, device)
     selector.train()
-    parameters = [p for p in selector.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=args.lr, weight_decay=args.weight_decay)
+    start_step = 0
+    trainer = Trainer([p for p in selector.parameters() if p.requires_grad], steps=args.steps, lr=args.lr,
+                      schedule=lambda step, base: learning_rate_at(step, args.steps, base, args.warmup),
+                      clip=args.clip, weight_decay=args.weight_decay, patience=args.patience, zero_grad_after=False,
+                      log=out / "train_log.jsonl" if dist.rank == 0 else None, append=True,
+                      progress=dist.rank == 0 and args.progress, progress_options={"desc": "autoselect train"})
     if resume is not None:
-        restore_optimizer(resume, optimizer, state)
+        state = trainer.restore(resume)
+        start_step = trainer.start = int(state["step"])
+        trainer.load_state({"best": state.get("best_val_loss"), "best_step": state.get("best_step"),
+                            "bad_evaluations": state.get("bad_evaluations", 0)})
+    return _Run(args=args, device=device, dist=dist, keep=keep, t_start=t_start, t_end=t_end, model=model,
+                frozen_before=frozen_before, records=records, collator=collator, val_records=val_records,
+                val_collator=val_collator, out=out, selector=selector, placement=placement, trainer=trainer,
+                start_step=start_step, started=time.time(),
+                summary={"first_loss": None, "last_loss": None, "steps": args.steps, "placement": placement})
 
-    log_path = out / "train_log.jsonl"
-    progress = tqdm(range(start_step, args.steps), desc="autoselect train", disable=dist.rank != 0 or not args.progress,
-                    dynamic_ncols=True, initial=start_step, total=args.steps)
-    summary = {"first_loss": None, "last_loss": None, "steps": args.steps, "placement": placement}
-    early = {"best_val_loss": state.get("best_val_loss"), "best_step": state.get("best_step"),
-             "bad_evaluations": int(state.get("bad_evaluations", 0))}
+
+def _new_selector(args, model, adapter, collator, records, placement: str, keep: tuple, device):
+    """A freshly initialised AutoSelector (seeded by --seed) with running token statistics of
+    --stats-images training images."""
+    torch.manual_seed(args.seed)
+    dim = adapter.feature_width(adapter.core(model), placement)
+    selector = AutoSelector(dim, **selector_options(args, dim, placement, keep)).to(device)
+    statistics_indices = torch.randperm(len(records), generator=torch.Generator().manual_seed(args.seed))
+    for begin in range(0, min(args.stats_images, len(records)), args.batch_size):
+        chunk = [records[i] for i in statistics_indices[begin:min(begin + args.batch_size, args.stats_images)]]
+        selector.update_statistics(placement_tokens(model, collator(chunk)["pixel_values"], placement).float())
+    return selector
+
+
+def _sum_gradients(parameters, dist):
+    """Missing gradients become zeros; with several processes, the gradients are summed over them (each
+    loss is already divided by the global answer-token count)."""
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+    if dist.active:
+        flat = torch.cat([p.grad.reshape(-1) for p in parameters])
+        dist.sum_(flat)
+        offset = 0
+        for p in parameters:
+            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+
+def _train_step(run: _Run, step: int) -> dict:
+    """One optimizer step (--grad-accum micro-batches): the answer-token loss through the selector's
+    gate, backward, gradients summed over processes, clipped, AdamW. Returns the step's log entry (with
+    "log": whether --log-every asks for it)."""
+    args, dist, trainer = run.args, run.dist, run.trainer
+    temperature = temperature_at(step, args.steps, run.t_start, run.t_end, args.temperature_schedule)
+    budget = budget_at(step, run.keep, args.seed)
+    batches = [run.collator([run.records[i] for i in batch_indices(step, micro, args.grad_accum, args.batch_size,
+                                                                   dist.world, dist.rank, len(run.records), args.seed)])
+               for micro in range(args.grad_accum)]
+    answer_tokens = dist.sum_(torch.tensor(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches))))
+    trainer.optimizer.zero_grad(set_to_none=True)  # before the backward: the last step's gradients stay readable
+    loss_total, alpha_sums = torch.zeros((), dtype=torch.float64), []
+    for micro, batch in enumerate(batches):
+        micro_index = step * args.grad_accum + micro
+        loss, alpha = batch_loss_sum(run.model, run.selector, batch, run.placement, temperature=temperature, k=budget,
+                                     seed=args.seed, slot=micro_index * dist.world + dist.rank)
+        loss = loss / answer_tokens.item()
+        loss.backward()
+        loss_total += loss.detach().double().cpu()
+        alpha_sums.append(alpha.detach().sum(-1))
+    _sum_gradients(trainer.parameters, dist)
+    grad_norm = trainer.step(step)
+    loss_value = trainer.track(float(dist.sum_(loss_total.clone())))
+    alpha_sum = torch.cat(alpha_sums)
+    run.summary["first_loss"] = loss_value if run.summary["first_loss"] is None else run.summary["first_loss"]
+    run.summary["last_loss"] = loss_value
+    if trainer.bar is not None:
+        trainer.bar.set_postfix(loss=f"{loss_value:.3f}", T=f"{temperature:.3f}", K=budget)
+    logged = (step + 1) % args.log_every == 0 or step == run.start_step or step + 1 == args.steps
+    return {"log": logged, "step": step + 1, "loss": loss_value, "temperature": temperature, "lr": trainer.lr,
+            "grad_norm": float(grad_norm), "alpha_sum_min": float(alpha_sum.min()),
+            "alpha_sum_max": float(alpha_sum.max()), "keep": budget, "elapsed_s": round(time.time() - run.started, 2)}
+
+
+def _evaluate(run: _Run, step: int, entry: dict) -> bool:
+    """The validation loss after `step` (0-based) into the Trainer's early-stopping bookkeeping and the
+    step's log entry; OUT/best/ on improvement. Returns whether to stop (--patience)."""
+    args, trainer = run.args, run.trainer
+    val = validation_loss(run.model, run.selector, run.val_collator, run.val_records, args, run.placement, run.keep,
+                          run.t_end, run.dist)
+    result = trainer.evaluate(step + 1, val, can_stop=step + 1 < args.steps)
+    if result["improved"] and run.dist.rank == 0:
+        trainer.save(run.out / "best", run.selector, state=run.trainer_state(step + 1))
+    if not entry["log"]:  # a step --log-every skips: its number and budget only
+        keep = entry["keep"]
+        entry.clear()
+        entry.update(step=step + 1, keep=keep)
+    entry.update(log=True, val_loss=val, best_val_loss=trainer.best, best_step=trainer.best_step)
+    if result["stop"]:
+        entry["early_stop"] = True
+    return result["stop"]
+
+
+def _finish(run: _Run, last: int, stopped: bool) -> dict:
+    """The last checkpoint, OUT/selector/ (the best one with --val), the frozen-weights check; the summary."""
+    if run.dist.rank == 0:
+        run.trainer.save(run.out / f"checkpoint-{last}", run.selector, state=run.trainer_state(last))
+        if run.val_records is not None and (run.out / "best").is_dir():
+            _copy_selector(run.out / "best", run.out / "selector")
+        else:
+            run.selector.save_pretrained(run.out / "selector")
+    if run.frozen_before is not None:
+        changed = [n for n, p in run.model.named_parameters() if not torch.equal(p, run.frozen_before[n])]
+        if changed:
+            raise RuntimeError(f"the frozen VLM changed during training: {changed[:5]}")
+    run.dist.barrier()
+    run.dist.close()
+    summary = dict(run.summary, steps_run=last, stopped_early=stopped, **run.early())
+    summary["selector"] = run.selector
+    return summary
+
+
+def train(args) -> dict:
+    """Run the training described by the parsed arguments (see `build_parser`). Returns a summary
+    (first and last loss, steps run, the selector, and with --val the best validation loss and step)."""
+    run = _setup(args)
     stopped_at = None
-    started = time.time()
-
-    def trainer_state(step_done):
-        return {"step": step_done, "seed": args.seed, "keep": args.keep, **early}
-
-    for step in progress:
-        temperature = temperature_at(step, args.steps, t_start, t_end, args.temperature_schedule)
-        budget = budget_at(step, keep, args.seed)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate_at(step, args.steps, args.lr, args.warmup)
-        batches = [collator([records[i] for i in batch_indices(step, micro, args.grad_accum, args.batch_size,
-                                                              dist.world, dist.rank, len(records), args.seed)])
-                   for micro in range(args.grad_accum)]
-        answer_tokens = dist.sum_(torch.tensor(float(sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches))))
-        optimizer.zero_grad(set_to_none=True)
-        loss_total, alpha_sums = torch.zeros((), dtype=torch.float64), []
-        for micro, batch in enumerate(batches):
-            micro_index = step * args.grad_accum + micro
-            loss, alpha = batch_loss_sum(model, selector, batch, placement, temperature=temperature, k=budget,
-                                         seed=args.seed, slot=micro_index * dist.world + dist.rank)
-            loss = loss / answer_tokens.item()
-            loss.backward()
-            loss_total += loss.detach().double().cpu()
-            alpha_sums.append(alpha.detach().sum(-1))
-        for parameter in parameters:  # sum over processes (each loss is already divided by the global count)
-            if parameter.grad is None:
-                parameter.grad = torch.zeros_like(parameter)
-        if dist.active:
-            flat = torch.cat([p.grad.reshape(-1) for p in parameters])
-            dist.sum_(flat)
-            offset_p = 0
-            for p in parameters:
-                p.grad.copy_(flat[offset_p:offset_p + p.numel()].view_as(p))
-                offset_p += p.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, args.clip)
-        optimizer.step()
-        loss_value = float(dist.sum_(loss_total.clone()))
-        alpha_sum = torch.cat(alpha_sums)
-        summary["first_loss"] = loss_value if summary["first_loss"] is None else summary["first_loss"]
-        summary["last_loss"] = loss_value
-        entry = None
-        if (step + 1) % args.log_every == 0 or step == start_step or step + 1 == args.steps:
-            entry = {"step": step + 1, "loss": loss_value, "temperature": temperature,
-                     "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm),
-                     "alpha_sum_min": float(alpha_sum.min()), "alpha_sum_max": float(alpha_sum.max()),
-                     "keep": budget, "elapsed_s": round(time.time() - started, 2)}
+    for step in run.trainer:
+        entry = _train_step(run, step)
         stop = False
-        if val_records is not None and ((step + 1) % args.val_every == 0 or step + 1 == args.steps):
-            val = validation_loss(model, selector, val_collator, val_records, args, placement, keep, t_end, dist)
-            improved = early["best_val_loss"] is None or val < early["best_val_loss"]
-            if improved:
-                early.update(best_val_loss=val, best_step=step + 1, bad_evaluations=0)
-                if dist.rank == 0:
-                    save_checkpoint(out / "best", selector, optimizer, trainer_state(step + 1))
-            else:
-                early["bad_evaluations"] += 1
-            stop = bool(args.patience) and early["bad_evaluations"] >= args.patience and step + 1 < args.steps
-            entry = entry or {"step": step + 1, "keep": budget}
-            entry.update(val_loss=val, best_val_loss=early["best_val_loss"], best_step=early["best_step"])
-            if stop:
-                entry["early_stop"] = True
-        if dist.rank == 0:
-            progress.set_postfix(loss=f"{loss_value:.3f}", T=f"{temperature:.3f}", K=budget)
-            if entry is not None:
-                with open(log_path, "a") as handle:
-                    handle.write(json.dumps(entry) + "\n")
+        if run.val_records is not None and ((step + 1) % args.val_every == 0 or step + 1 == args.steps):
+            stop = _evaluate(run, step, entry)
+        if run.dist.rank == 0:
+            if entry.pop("log"):
+                run.trainer.log(entry)
             if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < args.steps and not stop:
-                save_checkpoint(out / f"checkpoint-{step + 1}", selector, optimizer, trainer_state(step + 1))
-        dist.barrier()
+                run.trainer.save(run.out / f"checkpoint-{step + 1}", run.selector, state=run.trainer_state(step + 1))
+        run.dist.barrier()
         if stop:
             stopped_at = step + 1
             break
-    last = stopped_at or args.steps
-    if dist.rank == 0:
-        save_checkpoint(out / f"checkpoint-{last}", selector, optimizer, trainer_state(last))
-        if val_records is not None and (out / "best").is_dir():
-            _copy_selector(out / "best", out / "selector")
-        else:
-            selector.save_pretrained(out / "selector")
-    if frozen_before is not None:
-        changed = [n for n, p in model.named_parameters() if not torch.equal(p, frozen_before[n])]
-        if changed:
-            raise RuntimeError(f"the frozen VLM changed during training: {changed[:5]}")
-    dist.barrier()
-    dist.close()
-    summary.update(steps_run=last, stopped_early=stopped_at is not None, **early)
-    summary["selector"] = selector
-    return summary
+    return _finish(run, stopped_at or args.steps, stopped_at is not None)
 
 
 def build_parser(parser: Optional[argparse.ArgumentParser] = None):
