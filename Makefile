@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine:
 #   make demo   set up, then `autoselect demo`: the shipped tiny VLM and selector evaluated against the
-#               baselines at keep 192/128/64, the prefill speed-up and a picture of the kept tokens (demo/)
+#               baselines at keep 192/128/64/32/16, the prefill speed-up and a picture of the kept tokens (demo/)
 #   make test   set up, then the test suite
 #   make gpu    on a machine with a CUDA GPU: build the CUDA kernels, run the GPU tests, compute-sanitizer
 #               memcheck/racecheck on one small case per kernel, the GPU benchmarks (rows appended to

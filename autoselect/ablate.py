@@ -12,7 +12,7 @@ one option changed from the base:
   denoiser-global   --denoiser global (full self-attention: the leaking variant; it has no memory slots)
   denoiser-none     --denoiser none
   noise-stats       --noise-stats running <-> unit
-  memory-slots      --memory-slots: the base's slots (default 64) -> 0 (the identity-mask block), 0 -> 64
+  memory-slots      --memory-slots: the base's slots -> 0 (the identity-mask block); 0 (the default) -> 64
   soft-topk         --soft-topk logistic <-> laplace
   scorer            --scorer-layers 0 (per-token MLP) <-> 2 (Transformer, --scorer-width/--scorer-heads)
   keep              --keep K (fixed) -> --other-keep (default 16:192); a range LOW:HIGH -> HIGH
@@ -46,7 +46,7 @@ from .training import trainer
 SINGLE_VARIANTS = ("full", "throttler-gumbel", "throttler-scale", "denoiser-global", "denoiser-none", "noise-stats",
                    "memory-slots", "soft-topk", "scorer", "keep")
 VARIANTS = SINGLE_VARIANTS + ("scorer+keep",)  # the default list
-DEFAULT_MEMORY_SLOTS = 64
+MEMORY_SLOTS = 64  # the memory-slots variant's count when the base has none (OURS)
 
 
 def _denoiser(args) -> str:
@@ -84,7 +84,7 @@ def variant_args(base: argparse.Namespace, name: str, other_keep: Optional[str] 
         change = f"denoiser {_denoiser(base)} -> {value}"
         if value == "global":
             args.memory_slots = 0  # the global-attention Denoiser has no memory
-            slots = base.memory_slots if base.memory_slots is not None else DEFAULT_MEMORY_SLOTS
+            slots = base.memory_slots if base.memory_slots is not None else trainer.DEFAULT_MEMORY_SLOTS
             if _denoiser(base) == "diagonal" and slots:
                 change += f" (no memory: memory_slots {slots} -> 0)"
         return args, change
@@ -95,8 +95,8 @@ def variant_args(base: argparse.Namespace, name: str, other_keep: Optional[str] 
         if args.denoiser != "diagonal":
             raise ValueError("variant memory-slots needs the diagonal Denoiser, the base has "
                              f"--denoiser {args.denoiser}")
-        slots = DEFAULT_MEMORY_SLOTS if base.memory_slots is None else base.memory_slots
-        args.memory_slots = 0 if slots else DEFAULT_MEMORY_SLOTS
+        slots = trainer.DEFAULT_MEMORY_SLOTS if base.memory_slots is None else base.memory_slots
+        args.memory_slots = 0 if slots else MEMORY_SLOTS
         return args, f"memory_slots {slots} -> {args.memory_slots}"
     if name == "soft-topk":
         args.soft_topk = {"logistic": "laplace", "laplace": "logistic"}[base.soft_topk]
@@ -143,7 +143,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None):
             action.help = "output folder: ablation.json, ablation.csv, variants/<name>/ (each variant's training)"
     group = parser.add_argument_group("ablation")
     group.add_argument("--variants", help=f"comma-separated list from {','.join(SINGLE_VARIANTS)}, or several joined "
-                                          f"with '+' (default: {','.join(VARIANTS)}; full is always run as the reference)")
+                                          f"with '+' (default: {','.join(VARIANTS)}; full always runs, as the "
+                                          "reference)")
     group.add_argument("--keep-list", type=_keep_list, default=[192, 128, 64, 32, 16],
                        help="budgets every selector is evaluated at (default 192,128,64,32,16)")
     group.add_argument("--other-keep", default="16:192", help="the keep variant's --keep when the base's is fixed")

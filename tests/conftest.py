@@ -47,3 +47,10 @@ def save_tiny_testbed_vlm(folder, seed: int = 0):
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
+
+
+# The first release's training options (per-token MLP scorer, running noise statistics, logistic soft
+# top-K, geometric temperature 1 -> 0.05). The defaults are now the paper's (the ablation's choice);
+# tests of the trainer's machinery (resume, processes, budgets, logs) pin these, which keep them fast.
+FIRST_RELEASE_FLAGS = ["--scorer-layers", "0", "--noise-stats", "running", "--soft-topk", "logistic",
+                       "--temperature-schedule", "geometric", "--temperature-start", "1.0", "--temperature-end", "0.05"]

@@ -12,11 +12,11 @@ from autoselect import ablate, cli  # noqa: E402
 from autoselect.testbed import data  # noqa: E402
 from autoselect.training.trainer import parse_keep, selector_options  # noqa: E402
 
-from conftest import save_tiny_testbed_vlm  # noqa: E402
+from conftest import FIRST_RELEASE_FLAGS, save_tiny_testbed_vlm  # noqa: E402
 
 BASE = ["--model", "m", "--data", "d.json", "--test", "t.json", "--out", "o", "--keep", "16", "--scorer-hidden", "16",
         "--denoiser-heads", "2", "--denoiser-head-dim", "8", "--memory-slots", "4", "--scorer-width", "16",
-        "--scorer-heads", "2"]
+        "--scorer-heads", "2", "--scorer-layers", "0", "--noise-stats", "running", "--soft-topk", "logistic"]
 
 
 def flat(config, prefix=""):
@@ -113,7 +113,8 @@ def test_ablate_smoke_run(tmp_path, capsys):
     assert cli.main(["ablate", "--model", str(tmp_path / "vlm"), "--data", str(tmp_path / "train" / "train.json"),
                      "--test", str(tmp_path / "test" / "test.json"), "--out", str(out), "--variants",
                      "full,noise-stats", "--steps", "2", "--keep-list", "16", "--keep", "16", "--batch-size", "4",
-                     "--scorer-hidden", "16", "--denoiser-heads", "2", "--denoiser-head-dim", "8", "--memory-slots",
+                     "--scorer-hidden", "16",
+                     *FIRST_RELEASE_FLAGS, "--denoiser-heads", "2", "--denoiser-head-dim", "8", "--memory-slots",
                      "2", "--stats-images", "4", "--warmup", "1", "--eval-batch-size", "3", "--resamples", "200",
                      "--device", "cpu", "--no-progress"]) == 0
     printed = capsys.readouterr().out

@@ -34,7 +34,8 @@ def test_scorer_select_is_its_own_top_k():
 
 
 def small_selector(**kwargs):
-    config = dict(scorer_hidden=16, keep=8, denoiser=dict(heads=2, head_dim=8, memory_slots=4, mlp_ratio=2))
+    config = dict(scorer_hidden=16, keep=8, denoiser=dict(heads=2, head_dim=8, memory_slots=4, mlp_ratio=2),
+                  noise_stats="running")  # the running statistics are what these tests check
     config.update(kwargs)
     return AutoSelector(32, **config)
 

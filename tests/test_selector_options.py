@@ -56,8 +56,9 @@ def test_gumbel_throttler_is_hard_forward_soft_backward():
     assert torch.equal(again, vhat) and not torch.equal(other, vhat)  # the Gumbel draw follows the seed
 
 
-@pytest.mark.parametrize("denoiser, cls_attention, memory", [("diagonal", "diagonal", 64), ("global", "global", 0),
-                                                             ({"kind": "diagonal", "memory_slots": 0}, "diagonal", 0)])
+@pytest.mark.parametrize("denoiser, cls_attention, memory", [("diagonal", "diagonal", 0), ("global", "global", 0),
+                                                             ({"kind": "diagonal", "memory_slots": 16}, "diagonal",
+                                                              16)])
 def test_denoiser_kinds(denoiser, cls_attention, memory, tmp_path):
     selector, x = make(denoiser=denoiser)
     assert selector.denoiser.attention == cls_attention and selector.denoiser.memory_slots == memory

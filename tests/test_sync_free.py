@@ -235,10 +235,12 @@ def test_gpu_ops_without_host_reads():
     assert reads == []
 
 
-def test_selector_training_step_without_host_reads():
+@pytest.mark.parametrize("options", [{}, {"noise_stats": "running", "soft_topk": "logistic"}],
+                         ids=["defaults", "first-release"])
+def test_selector_training_step_without_host_reads(options):
     """AutoSelector.gate (Scorer -> soft top-K -> noise gate -> Denoiser) and its backward."""
     selector = autoselect.AutoSelector(24, scorer_hidden=16, denoiser=dict(heads=2, head_dim=8, memory_slots=4),
-                                       keep=5)
+                                       keep=5, **options)
     x = torch.randn(2, 20, 24, generator=torch.Generator().manual_seed(5))
     selector.update_statistics(x)
     with count_host_reads() as reads:
@@ -246,4 +248,4 @@ def test_selector_training_step_without_host_reads():
         vhat.square().sum().backward()
     assert reads == []
     with pytest.raises(ValueError, match="statistics are empty"):
-        autoselect.AutoSelector(24, scorer_hidden=16, keep=5).gate(x, temperature=0.5, seed=1)
+        autoselect.AutoSelector(24, scorer_hidden=16, keep=5, noise_stats="running").gate(x, temperature=0.5, seed=1)

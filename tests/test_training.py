@@ -16,7 +16,7 @@ from autoselect.testbed import data  # noqa: E402
 from autoselect.training import ConversationCollator, IGNORE_INDEX, load_records  # noqa: E402
 from autoselect.training.trainer import build_parser, train  # noqa: E402
 
-from conftest import save_tiny_testbed_vlm  # noqa: E402
+from conftest import FIRST_RELEASE_FLAGS, save_tiny_testbed_vlm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,8 @@ def setup(tmp_path_factory):
 def run(setup, out, *extra):
     args = build_parser().parse_args(["--model", str(setup / "vlm"), "--data", str(setup / "data" / "train.json"),
                                       "--out", str(out), "--keep", "16", "--batch-size", "4", "--scorer-hidden", "16",
-                                      "--denoiser-heads", "2", "--denoiser-head-dim", "8", "--memory-slots", "4",
+                                      *FIRST_RELEASE_FLAGS, "--denoiser-heads", "2", "--denoiser-head-dim", "8",
+                                      "--memory-slots", "4",
                                       "--stats-images", "8", "--warmup", "2", "--lr", "3e-3", "--log-every", "1",
                                       "--no-progress", "--device", "cpu", *extra])
     return train(args)
@@ -90,7 +91,8 @@ def test_two_processes_equal_one_on_the_doubled_batch(setup, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533",
                "-m", "autoselect", "train", "--model", str(setup / "vlm"), "--data",
                str(setup / "data" / "train.json"), "--out", str(tmp_path / "ddp"), "--keep", "16", "--batch-size", "2",
-               "--scorer-hidden", "16", "--denoiser-heads", "2", "--denoiser-head-dim", "8", "--memory-slots", "4",
+               "--scorer-hidden", "16",
+               *FIRST_RELEASE_FLAGS, "--denoiser-heads", "2", "--denoiser-head-dim", "8", "--memory-slots", "4",
                "--stats-images", "8", "--warmup", "2", "--lr", "3e-3", "--log-every", "1", "--no-progress",
                "--device", "cpu", "--steps", "2"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)

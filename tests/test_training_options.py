@@ -16,7 +16,7 @@ from autoselect.testbed import data  # noqa: E402
 from autoselect.training import trainer  # noqa: E402
 from autoselect.training.trainer import budget_at, build_parser, parse_keep, temperature_at, train  # noqa: E402
 
-from conftest import save_tiny_testbed_vlm  # noqa: E402
+from conftest import FIRST_RELEASE_FLAGS, save_tiny_testbed_vlm  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,8 @@ def setup(tmp_path_factory):
 def run(setup, out, *extra, keep="16"):
     args = build_parser().parse_args(["--model", str(setup / "vlm"), "--data", str(setup / "data" / "train.json"),
                                       "--out", str(out), "--keep", keep, "--batch-size", "4", "--scorer-hidden", "16",
-                                      "--denoiser-heads", "2", "--denoiser-head-dim", "8", "--stats-images", "4",
+                                      *FIRST_RELEASE_FLAGS, "--denoiser-heads", "2", "--denoiser-head-dim", "8",
+                                      "--stats-images", "4",
                                       "--warmup", "1", "--lr", "3e-3", "--log-every", "1", "--no-progress",
                                       "--device", "cpu", *extra])
     return train(args)
@@ -214,7 +215,8 @@ def test_two_processes_share_each_steps_drawn_budget(setup, tmp_path):
     import sys
 
     common = ["--model", str(setup / "vlm"), "--data", str(setup / "data" / "train.json"), "--keep", "4:32",
-              "--scorer-hidden", "16", "--denoiser-heads", "2", "--denoiser-head-dim", "8", "--memory-slots", "2",
+              "--scorer-hidden", "16",
+              *FIRST_RELEASE_FLAGS, "--denoiser-heads", "2", "--denoiser-head-dim", "8", "--memory-slots", "2",
               "--stats-images", "4", "--warmup", "1", "--lr", "3e-3", "--log-every", "1", "--no-progress",
               "--device", "cpu", "--steps", "2"]
     single = train(build_parser().parse_args(common + ["--out", str(tmp_path / "single"), "--batch-size", "4"]))

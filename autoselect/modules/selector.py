@@ -32,11 +32,12 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "autoselect.AutoSelector"
 
-DEFAULT_DENOISER = {"heads": 8, "head_dim": 64, "memory_slots": 64, "mlp_ratio": 2}
-# Until the ablation (DESIGN.md 1.7) has measured the variants, the defaults stay those of the first
-# release, which the shipped selector was trained with: the per-token MLP scorer, running noise
-# statistics, the logistic soft top-K, the diagonal Denoiser with memory, the noise throttler.
-DEFAULT_SCORER = {"layers": 0, "hidden": 256}
+# The defaults are the configuration the ablation chose (README, "Ablation"; benchmarks/results/
+# ablation-testbed-v1): the PAPER's method throughout. The Transformer Scorer (2 blocks, width 1024,
+# 16 heads: scale width and heads with a smaller vision tower), LapSum, unit noise statistics and the
+# identity-mask Denoiser block (no memory slots) each beat or tied our first release's choice.
+DEFAULT_DENOISER = {"heads": 8, "head_dim": 64, "memory_slots": 0, "mlp_ratio": 2}
+DEFAULT_SCORER = {"layers": 2, "width": 1024, "heads": 16, "mlp_ratio": 4}
 THROTTLERS = ("noise", "scale", "gumbel")
 DENOISERS = ("diagonal", "global", "none")
 NOISE_STATS = ("running", "unit")
@@ -95,17 +96,19 @@ class AutoSelector(nn.Module):
 
     Args (keyword-only after dim):
         dim: token width D of the features the Scorer reads.
-        scorer: arguments of `autoselect.Scorer` (default {"layers": 0, "hidden": 256}, the
-            per-token MLP, until the ablation decides).
-        denoiser: "diagonal" (default: memory slots, no information between tokens; memory_slots=0
-            is the PAPER identity-mask block), "global" (full self-attention: the leaking ablation),
+        scorer: arguments of `autoselect.Scorer` (default {"layers": 2, "width": 1024, "heads": 16,
+            "mlp_ratio": 4}: the PAPER's Transformer Scorer, chosen by the ablation; {"layers": 0,
+            "hidden": 256} is the first release's per-token MLP).
+        denoiser: "diagonal" (default: no information between tokens; default memory_slots=0, the
+            PAPER identity-mask block; memory slots are OURS), "global" (full self-attention: the leaking ablation),
             "none", or a dict of Denoiser arguments with a "kind" key.
         throttler: how the training path dims a token by its keep fraction alpha: "noise" (default,
             the variance-preserving noise gate), "scale" (z = alpha x) or "gumbel" (hard top-K of
             scores + Gumbel noise forward, straight-through soft top-K backward).
-        noise_stats: the noise gate's mean and std: "running" (default, OURS: the tokens' running
-            per-channel statistics) or "unit" (PAPER: mean 0, std 1).
-        soft_topk: the budget gate's kind, "logistic" (default) or "laplace" (LapSum).
+        noise_stats: the noise gate's mean and std: "unit" (default, PAPER: mean 0, std 1) or
+            "running" (OURS: the tokens' running per-channel statistics; the first release's).
+        soft_topk: the budget gate's kind, "laplace" (default, PAPER's LapSum) or "logistic" (OURS,
+            the first release's).
         keep: the default budget of `select` and `gate`: an int (tokens per image) or a float in
             (0, 1] (fraction).
         placement: where in the VLM the selector reads the tokens: "projector_output" (default, and
@@ -122,7 +125,7 @@ class AutoSelector(nn.Module):
     """
 
     def __init__(self, dim: int, *, scorer: Optional[dict] = None, denoiser="diagonal", throttler: str = "noise",
-                 noise_stats: str = "running", soft_topk: str = "logistic", keep: Union[int, float] = 64,
+                 noise_stats: str = "unit", soft_topk: str = "laplace", keep: Union[int, float] = 64,
                  placement: str = "projector_output", keep_range: Optional[Sequence[int]] = None,
                  scorer_hidden: Optional[int] = None, eps: Optional[float] = None):
         super().__init__()
@@ -139,8 +142,9 @@ class AutoSelector(nn.Module):
             keep_range = [int(keep_range[0]), int(keep_range[1])]
         if scorer is not None and (scorer_hidden is not None or eps is not None):
             raise ValueError("AutoSelector: give scorer={...} or the first release's scorer_hidden/eps, not both")
-        if scorer is None:
-            scorer = dict(DEFAULT_SCORER)
+        if scorer is None:  # scorer_hidden / eps spell the first release's MLP scorer
+            legacy = scorer_hidden is not None or eps is not None
+            scorer = dict(FIRST_RELEASE["scorer"] if legacy else DEFAULT_SCORER)
             if scorer_hidden is not None:
                 scorer["hidden"] = scorer_hidden
             if eps is not None:

@@ -154,6 +154,8 @@ def answer_loss_sum(logits, labels):
 # ----------------------------------------------------------------------------------------------------
 
 TEMPERATURE_SCHEDULES = ("geometric", "cosine")
+# the diagonal Denoiser without memory slots: the PAPER identity-mask block (the ablation: 64 slots tie it)
+DEFAULT_MEMORY_SLOTS = 0
 
 
 def temperature_at(step: int, steps: int, start: float, end: float, schedule: str = "geometric") -> float:
@@ -237,7 +239,7 @@ def selector_options(args, dim: int, placement: str, keep: tuple) -> dict:
     if kind == "none":
         denoiser = "none"
     else:
-        slots = args.memory_slots if args.memory_slots is not None else (0 if kind == "global" else 64)
+        slots = args.memory_slots if args.memory_slots is not None else DEFAULT_MEMORY_SLOTS
         denoiser = {"kind": kind, "heads": args.denoiser_heads, "head_dim": args.denoiser_head_dim,
                     "memory_slots": slots, "mlp_ratio": args.denoiser_mlp_ratio}
     options = dict(scorer=scorer, denoiser=denoiser, throttler=args.throttler, noise_stats=args.noise_stats,
@@ -519,12 +521,13 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None):
     parser.add_argument("--temperature", metavar="START:END",
                         help="soft top-K temperature from START to END over the run (PAPER: 2.0:0.1 with "
                              "--temperature-schedule cosine); default: --temperature-start to --temperature-end")
-    parser.add_argument("--temperature-schedule", choices=TEMPERATURE_SCHEDULES, default="geometric",
-                        help="how the temperature anneals (default geometric, the first release's; PAPER: cosine)")
-    parser.add_argument("--temperature-start", type=float, default=1.0)
-    parser.add_argument("--temperature-end", type=float, default=0.05)
-    parser.add_argument("--scorer-layers", type=int, default=0,
-                        help="Transformer blocks of the Scorer (PAPER: 2); 0: the per-token MLP (default)")
+    parser.add_argument("--temperature-schedule", choices=TEMPERATURE_SCHEDULES, default="cosine",
+                        help="how the temperature anneals (default cosine, the PAPER's; geometric: the first "
+                             "release's)")
+    parser.add_argument("--temperature-start", type=float, default=2.0)
+    parser.add_argument("--temperature-end", type=float, default=0.1)
+    parser.add_argument("--scorer-layers", type=int, default=2,
+                        help="Transformer blocks of the Scorer (default 2, the PAPER's); 0: the per-token MLP")
     parser.add_argument("--scorer-width", type=int, default=1024, help="Scorer width (layers >= 1; PAPER: 1024)")
     parser.add_argument("--scorer-heads", type=int, default=16, help="Scorer attention heads (layers >= 1; PAPER: 16)")
     parser.add_argument("--scorer-mlp-ratio", type=int, default=4, help="Scorer MLP ratio (layers >= 1)")
@@ -536,14 +539,15 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None):
     parser.add_argument("--denoiser-head-dim", type=int, default=64)
     parser.add_argument("--denoiser-mlp-ratio", type=int, default=2)
     parser.add_argument("--memory-slots", type=int, default=None,
-                        help="the diagonal Denoiser's memory slots (default 64; 0: the PAPER's identity-mask block; "
-                             "global: 0)")
+                        help="the diagonal Denoiser's memory slots (default 0: the PAPER's identity-mask block; "
+                             "OURS: e.g. 64)")
     parser.add_argument("--no-denoiser", action="store_true", help="the same as --denoiser none")
     parser.add_argument("--throttler", choices=("noise", "scale", "gumbel"), default="noise")
-    parser.add_argument("--noise-stats", choices=("running", "unit"), default="running",
-                        help="the noise gate's mean and std: running token statistics (OURS) or 0 and 1 (PAPER)")
-    parser.add_argument("--soft-topk", choices=("logistic", "laplace"), default="logistic",
-                        help="the budget gate: logistic (OURS) or laplace (PAPER's LapSum)")
+    parser.add_argument("--noise-stats", choices=("running", "unit"), default="unit",
+                        help="the noise gate's mean and std: 0 and 1 (default, PAPER) or running token statistics "
+                             "(OURS)")
+    parser.add_argument("--soft-topk", choices=("logistic", "laplace"), default="laplace",
+                        help="the budget gate: laplace (default, PAPER's LapSum) or logistic (OURS)")
     parser.add_argument("--stats-images", type=int, default=256, help="images for the token statistics")
     parser.add_argument("--val", help="LLaVA-format JSON of validation conversations (early stopping)")
     parser.add_argument("--val-images", help="folder of the validation images (default: the JSON's folder)")
