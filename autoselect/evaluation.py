@@ -188,11 +188,13 @@ def accuracy_of(model, processor, records: Sequence[dict], image_root: str, *, b
 
 def evaluate(model, processor, records: Sequence[dict], image_root: str, *, methods: Sequence[str] = METHODS,
              keeps: Sequence = (192, 128, 64), selector=None, batch_size: int = 16, max_new_tokens: int = 4,
-             seed: int = 0, progress: bool = True, resamples: int = 2000, bootstrap_seed: int = 0) -> List[dict]:
+             seed: int = 0, progress: bool = True, resamples: int = 2000, bootstrap_seed: int = 0,
+             positions: str = "original") -> List[dict]:
     """Accuracy rows, one per (method, keep): {"method", "keep", "accuracy": {...}, "retention",
     "seconds", "count", "correct" (1/0 per question), "ids" (the question ids), "vs_autoselect",
     "vs_full" (paired differences with 95% bootstrap intervals, see `add_differences`)}. "full" runs
-    once (keep "all"). The model is left unpatched."""
+    once (keep "all"). `positions` is `autoselect.apply`'s ("compact": the pruned prompt's own positions,
+    as vLLM serves LLaVA). The model is left unpatched."""
     from tqdm.auto import tqdm
 
     from .integrations import apply, revert
@@ -214,7 +216,8 @@ def evaluate(model, processor, records: Sequence[dict], image_root: str, *, meth
         started = time.time()
         options = {"seed": seed} if method == "random" else {}
         if method != "full":
-            apply(model, selector if method == "autoselect" else None, method=method, keep=keep, **options)
+            apply(model, selector if method == "autoselect" else None, method=method, keep=keep,
+                  positions=positions, **options)
         try:
             scored = score(model, processor, records, image_root, batch_size=batch_size,
                            max_new_tokens=max_new_tokens, progress=bar, collator=collator)
@@ -325,6 +328,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None):
     parser.add_argument("--seed", type=int, default=0, help="seed of the random baseline")
     parser.add_argument("--resamples", type=int, default=2000, help="paired-bootstrap resamples (95%% intervals)")
     parser.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the paired bootstrap")
+    parser.add_argument("--positions", choices=("original", "compact"), default="original",
+                        help="positions of the pruned prompt: the unpruned ones (default) or its own (compact, "
+                             "as vLLM serves LLaVA; 1-D position families only)")
     parser.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--out", help="folder for eval.json and eval.csv")
@@ -346,11 +352,11 @@ def run(args) -> List[dict]:
     rows = evaluate(model, processor, records, args.images or os.path.dirname(os.path.abspath(args.data)),
                     methods=methods, keeps=args.keep, selector=selector, batch_size=args.batch_size,
                     max_new_tokens=args.max_new_tokens, seed=args.seed, progress=args.progress,
-                    resamples=args.resamples, bootstrap_seed=args.bootstrap_seed)
+                    resamples=args.resamples, bootstrap_seed=args.bootstrap_seed, positions=args.positions)
     print("\n".join(format_table(rows)))
     if args.out:
         write_results(rows, args.out, {"model": args.model, "selector": args.selector, "data": args.data,
-                                       "device": str(device), "dtype": args.dtype, "resamples": args.resamples,
+                                       "device": str(device), "dtype": args.dtype, "positions": args.positions, "resamples": args.resamples,
                                        "bootstrap_seed": args.bootstrap_seed})
         print(f"wrote {os.path.join(args.out, 'eval.json')} and eval.csv")
     return rows

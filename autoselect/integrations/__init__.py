@@ -57,7 +57,12 @@ def is_applied(model) -> bool:
     return PATCH_ATTR in getattr(model, "__dict__", {})
 
 
-def apply(model, selector=None, *, method: str = "autoselect", keep: Union[int, float] = 64, **options):
+POSITIONS = ("original", "compact")
+COMPACT_FAMILIES = ("llava", "llava_next")
+
+
+def apply(model, selector=None, *, method: str = "autoselect", keep: Union[int, float] = 64,
+          positions: str = "original", **options):
     """Prune the visual tokens of `model` (per instance) and return it.
 
     Args:
@@ -72,6 +77,12 @@ def apply(model, selector=None, *, method: str = "autoselect", keep: Union[int, 
             integer torch scalar; an image with fewer tokens keeps them all), or a real in (0, 1]
             (a fraction of each image's tokens). LLaVA-NeXT: per image (base view + crops + newlines
             together), not per crop.
+        positions: "original" (default): the kept tokens and the text keep the positions of the
+            unpruned prompt (decoding continues at the unpruned length); "compact": the pruned prompt's
+            own positions (each token moves back by the tokens dropped before it; decoding continues at
+            the pruned length), as vLLM serves a pruned prompt (`autoselect.vllm`). 1-D position
+            families only (LLaVA-1.5, LLaVA-NeXT): Qwen's M-RoPE keeps the original positions, in
+            vLLM too.
         **options: method options: random `seed=0`; fastv `layer=2` (FastV's K, counted from 1, at most
             the number of language-model layers); visionzip `contextual=None` (contextual tokens;
             default round(K * 10 / 64)).
@@ -98,6 +109,12 @@ def apply(model, selector=None, *, method: str = "autoselect", keep: Union[int, 
         raise RuntimeError("autoselect.apply: this model is already patched; call autoselect.revert(model) first "
                            "(or use the autoselect.pruned(...) context manager)")
     keep = normalize_keep(keep)
+    if positions not in POSITIONS:
+        raise ValueError(f"autoselect.apply: positions must be one of {POSITIONS}, got {positions!r}")
+    if positions == "compact" and adapter.name not in COMPACT_FAMILIES:
+        raise ValueError(f"autoselect.apply: positions='compact' is for 1-D position families "
+                         f"({', '.join(COMPACT_FAMILIES)}); a {adapter.name} model keeps its original (M-RoPE) "
+                         "positions, in vLLM too")
     from ..baselines import make_method
 
     method_obj = make_method(method, selector, **options)
@@ -111,7 +128,7 @@ def apply(model, selector=None, *, method: str = "autoselect", keep: Union[int, 
         bind(adapter, core)  # validates the method's options against this model
     if method == "autoselect":
         _place_selector(method_obj.selector, model)
-    patch = Patch(adapter=adapter, method=method_obj, keep=keep, original_forward=model.forward)
+    patch = Patch(adapter=adapter, method=method_obj, keep=keep, original_forward=model.forward, positions=positions)
     _set(patch, model, "forward", make_forward(model, patch))
     if callable(getattr(model, "generate", None)):
         _set(patch, model, "generate", make_generate(model, patch))
@@ -147,10 +164,11 @@ def revert(model):
 
 
 @contextlib.contextmanager
-def pruned(model, selector=None, *, method: str = "autoselect", keep: Union[int, float] = 64, **options):
+def pruned(model, selector=None, *, method: str = "autoselect", keep: Union[int, float] = 64,
+           positions: str = "original", **options):
     """Context manager form of `apply`: `with autoselect.pruned(model, keep=64) as m: m.generate(...)`;
     the model is reverted on exit, also when the block raises. Arguments as `apply`."""
-    apply(model, selector, method=method, keep=keep, **options)
+    apply(model, selector, method=method, keep=keep, positions=positions, **options)
     try:
         yield model
     finally:

@@ -13,12 +13,15 @@ cache) it
    KV cache holds text + kept tokens only,
 4. calls the model's original forward with the kept features as pre-encoded `mm_encoder_outputs`.
 
-Positions are those of the UNPRUNED sequence (the kept columns of the position ids the model would
+Positions (`positions="original"`, the default) are those of the UNPRUNED sequence (the kept columns of the position ids the model would
 have used): a text token sees every kept image token at its original distance, decoding continues
 at the unpruned length (`generate` counts positions on its unpruned attention mask), and for M-RoPE
 the rope deltas computed on the unpruned sequence stay valid. Rows of a batch that lose different
 numbers of columns (different image counts) are re-aligned by extra padding slots on the left
-(attention_mask 0, label -100).
+(attention_mask 0, label -100). `positions="compact"` (1-D position families: LLaVA-1.5 / NeXT) gives
+the pruned prompt its own positions instead: each column moves back by the columns dropped before it
+in its row, and decoding continues at the pruned length; this is what vLLM does with a pruned prompt
+(`autoselect.vllm`), so the two paths can be compared.
 
 State per cache: what a pruned prefill did (`CacheState`: unpruned and pruned lengths, the column
 map, the family's decoding state such as Qwen's rope deltas) is kept in a `WeakKeyDictionary` keyed
@@ -107,6 +110,7 @@ class Patch:
     states: "weakref.WeakKeyDictionary" = field(default_factory=weakref.WeakKeyDictionary)
     selection: Optional[Selection] = None
     memo: Optional[Memo] = None
+    positions: str = "original"  # or "compact": the pruned prompt's own positions (1-D families)
 
     @property
     def where(self) -> str:
@@ -466,6 +470,9 @@ def _prefill(model, core, patch: Patch, kw: dict):
     if positions.shape[-1] != length:
         raise ValueError(f"{where}: position_ids cover {positions.shape[-1]} columns, the prompt {length}")
     kw["position_ids"] = gather_columns(positions.expand(*positions.shape[:-2], batch, length), plan, 0)
+    if patch.positions == "compact":  # close the gaps: each column moves back by the columns dropped before it
+        dropped = torch.cumsum((~keep).to(torch.long), dim=-1).to(kw["position_ids"].device)
+        kw["position_ids"] = kw["position_ids"] - gather_columns(dropped, plan, 0)
     for name in adapter.per_token_inputs:
         if kw.get(name) is not None:
             kw[name] = gather_columns(kw[name], plan, 0)
@@ -516,7 +523,9 @@ def _decode(core, patch: Patch, state: CacheState, kw: dict):
         ones = torch.ones(batch, cache_len + q - state.pruned_len, dtype=state.pruned_mask.dtype,
                           device=state.pruned_mask.device)
         kw["attention_mask"] = torch.cat([state.pruned_mask.expand(batch, -1), ones], dim=1)
-    if kw.get("position_ids") is None:
+    if patch.positions == "compact":  # the pruned sequence's own positions: its mask's running count
+        kw["position_ids"] = (kw["attention_mask"].to(torch.long).cumsum(-1) - 1).clamp(min=0)[:, -q:]
+    elif kw.get("position_ids") is None:
         kw["position_ids"] = patch.adapter.decode_positions(core, unpruned_mask, cache_len + state.removed, q,
                                                             batch, ref.device, saved=state.decode_state)
     return patch.original_forward(**kw)
