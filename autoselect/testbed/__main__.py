@@ -4,13 +4,15 @@ Writes images/, train.json, val.json, test.json (LLaVA conversation format), *_s
 *_captions.json (one caption record per image, "type": "caption": the selector's training data) under
 --out. The same (--seed, split, image index) always gives the same image, questions and caption; the
 captions change no other file. --captions-only adds the caption files to a folder written before they
-existed (from its *_scenes.json, no image rendered again)."""
+existed (from its *_scenes.json, no image rendered again). --version 2 writes testbed v2 (`data_v2`: harder
+scenes, relation and digit-reading questions, the image before the question); the default, 1, writes
+testbed v1 (`data`), which the shipped weights were trained on."""
 
 import argparse
 import os
 import sys
 
-from .data import write_captions, write_split
+from . import data, data_v2
 
 SPLIT_NAMES = ("train", "val", "test")
 
@@ -24,12 +26,15 @@ def main(argv=None):
     parser.add_argument("--test", type=int, default=500, help="test images")
     parser.add_argument("--questions-per-image", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--version", type=int, choices=(1, 2), default=1,
+                        help="testbed version: 1 (data, the shipped weights') or 2 (data_v2)")
     captions = parser.add_mutually_exclusive_group()
     captions.add_argument("--no-captions", action="store_true", help="do not write *_captions.json")
     captions.add_argument("--captions-only", action="store_true",
                           help="only write *_captions.json, from the *_scenes.json already in --out "
                                "(the image counts and --seed are then those of that folder)")
     args = parser.parse_args(argv)
+    generator = data if args.version == 1 else data_v2
     for split in SPLIT_NAMES:
         if getattr(args, split) < 0:
             parser.error(f"--{split} must be >= 0")
@@ -38,12 +43,12 @@ def main(argv=None):
         if not found:
             parser.error(f"--captions-only: no *_scenes.json in {args.out}")
         for split in found:
-            print(f"{split}: {write_captions(args.out, split)} captions")
+            print(f"{split}: {generator.write_captions(args.out, split)} captions")
         return 0
     for split in SPLIT_NAMES:
         count = getattr(args, split)
-        per_type = write_split(args.out, split, count, args.seed, args.questions_per_image,
-                               captions=not args.no_captions)
+        per_type = generator.write_split(args.out, split, count, args.seed, args.questions_per_image,
+                                         captions=not args.no_captions)
         written = "" if args.no_captions else f", {count} captions"
         print(f"{split}: {count} images, {sum(per_type.values())} questions {per_type}{written}")
     return 0
