@@ -8,8 +8,9 @@ The model has the testbed VLM's architecture (CLIP tower 96 wide, 3 layers, 576 
 Llama language model) with a head size vLLM's CPU attention supports (128 wide, 4 heads of 32, 3
 layers), random weights (speed does not depend on them); the selector has the shipped selector's
 configuration (2 Transformer blocks of width 128 at the projector's input), random weights. Each
-configuration runs in its own process: an engine, a warm-up, then `--repeats` rounds of `--requests`
-requests submitted together with max_tokens=1 (prefill only). Reported per configuration: median
+configuration runs in its own process: an engine (prefix caching and the multimodal processor cache
+off), a warm-up, then `--repeats` rounds of `--requests` requests submitted together with
+max_tokens=1 (prefill only), each round on new images. Reported per configuration: median
 wall time of a round, requests and prompt tokens per second, time to first token (vLLM's per-request
 first_token_latency: median and p90 over all rounds), and the speed-up against "full". Rows are
 appended to `--results`/vllm_serving.csv with the device, versions and date.
@@ -52,11 +53,12 @@ def build(out):
     return model_dir, selector_dir
 
 
-def images(n):
+def images(n, start=0):
     import numpy as np
     from PIL import Image
 
-    return [Image.fromarray((np.random.default_rng(i).random((336, 336, 3)) * 255).astype("uint8")) for i in range(n)]
+    return [Image.fromarray((np.random.default_rng(i).random((336, 336, 3)) * 255).astype("uint8"))
+            for i in range(start, start + n)]
 
 
 def worker(args):
@@ -70,18 +72,22 @@ def worker(args):
     settings = json.loads(args.settings)
     kwargs = dict(model=args.model, dtype=args.dtype, max_model_len=1024, limit_mm_per_prompt={"image": 1},
                   max_num_seqs=args.requests, max_num_batched_tokens=max(2048, 600 * args.requests),
-                  disable_log_stats=False, seed=0)
+                  disable_log_stats=False, seed=0, enable_prefix_caching=False, mm_processor_cache_gb=0)
     if settings:
         kwargs["hf_overrides"] = {"autoselect": settings}
     llm = LLM(**kwargs)
-    pictures = images(args.requests)
     questions = ["what color is the circle?", "how many red objects are there?", "is there a blue square?"]
-    requests = [{"prompt": f"USER: <image>\n{questions[i % 3]} ASSISTANT:", "multi_modal_data": {"image": im}}
+
+    def batch(round_index):  # new images every round: no cache can answer a request
+        pictures = images(args.requests, start=round_index * args.requests)
+        return [{"prompt": f"USER: <image>\n{questions[i % 3]} ASSISTANT:", "multi_modal_data": {"image": im}}
                 for i, im in enumerate(pictures)]
+
     params = SamplingParams(max_tokens=1, temperature=0.0)
-    llm.generate(requests[: max(2, args.requests // 4)], params, use_tqdm=False)  # warm-up
+    llm.generate(batch(args.repeats), params, use_tqdm=False)  # warm-up, on images the rounds do not use
     rounds, ttft, prompt_len = [], [], []
-    for _ in range(args.repeats):
+    for round_index in range(args.repeats):
+        requests = batch(round_index)
         start = time.perf_counter()
         outputs = llm.generate(requests, params, use_tqdm=False)
         rounds.append(time.perf_counter() - start)
@@ -165,7 +171,7 @@ def main(argv=None):
             "speedup_vs_full": round(full / median, 2), "device": device, "device_name": device_description(device),
             "vllm": vllm.__version__, "torch": torch.__version__, "autoselect": autoselect.__version__,
             "note": f"tiny testbed-architecture VLM (CLIP 96x3, Llama 128x3, head 32), random weights, {args.dtype}; "
-                    f"{args.repeats} rounds of {args.requests} requests, max_tokens=1",
+                    f"{args.repeats} rounds of {args.requests} requests on new images, max_tokens=1, no prefix cache",
         })
     os.makedirs(args.results, exist_ok=True)
     path = os.path.join(args.results, "vllm_serving.csv")

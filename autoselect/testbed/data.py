@@ -39,10 +39,12 @@ import dataclasses
 import hashlib
 import json
 import os
-from typing import Dict, List, Optional, Sequence, Tuple
+import sys
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+VERSION = 1
 IMAGE_SIZE = 336
 PATCH_SIZE = 14
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
@@ -75,15 +77,20 @@ class SceneObject:
 
 @dataclasses.dataclass(frozen=True)
 class Scene:
+    """The objects (in drawing order) and the seed of the background clutter."""
+
     objects: Tuple[SceneObject, ...]
     background_seed: int
+    object_type: ClassVar[type] = SceneObject  # what `from_dict` builds (v2: objects with a mark)
 
     def to_dict(self) -> dict:
+        """JSON-ready description (the `<split>_scenes.json` entries)."""
         return {"objects": [dataclasses.asdict(o) for o in self.objects], "background_seed": self.background_seed}
 
-    @staticmethod
-    def from_dict(data: dict) -> "Scene":
-        return Scene(tuple(SceneObject(**o) for o in data["objects"]), int(data["background_seed"]))
+    @classmethod
+    def from_dict(cls, data: dict) -> "Scene":
+        """The inverse of `to_dict`."""
+        return cls(tuple(cls.object_type(**o) for o in data["objects"]), int(data["background_seed"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,30 +211,43 @@ def _side(obj: SceneObject, axis: str) -> Optional[str]:
     return None
 
 
+def attribute_question(kind: str, objects: Sequence[SceneObject], rng: np.random.Generator) -> Optional[Question]:
+    """A "color" or "shape" question: one attribute of an object named by the other, which must be
+    unique in the scene ("What color is the {shape}?", "What shape is the {color} object?"); None when
+    no object's naming attribute is unique."""
+    named_by = "shape" if kind == "color" else "color"
+    names = [getattr(o, named_by) for o in objects]
+    unique = [o for o in objects if names.count(getattr(o, named_by)) == 1]
+    if not unique:
+        return None
+    obj = unique[rng.integers(len(unique))]
+    text = f"What color is the {obj.shape}?" if kind == "color" else f"What shape is the {obj.color} object?"
+    return Question(kind, text, getattr(obj, kind))
+
+
+def exist_question(objects: Sequence[SceneObject], rng: np.random.Generator, shapes: Sequence[str] = SHAPES) -> Question:
+    """"Is there a {color} {shape} in the image?", yes / no balanced; an absent pair is random or
+    adversarial (sharing a colour or shape with a present object), out of COLORS x `shapes`."""
+    present = {(o.color, o.shape) for o in objects}
+    if rng.random() < 0.5:
+        color, shape = sorted(present)[rng.integers(len(present))]
+        return Question("exist", f"Is there a {color} {shape} in the image?", "yes")
+    colors, present_shapes = [o.color for o in objects], [o.shape for o in objects]
+    absent = [(c, s) for c in COLORS for s in shapes if (c, s) not in present]
+    adversarial = [(c, s) for c, s in absent if c in colors or s in present_shapes]
+    pool = adversarial if adversarial and rng.random() < 0.5 else absent
+    color, shape = pool[rng.integers(len(pool))]
+    return Question("exist", f"Is there a {color} {shape} in the image?", "no")
+
+
 def _question_of_type(kind: str, scene: Scene, rng: np.random.Generator) -> Optional[Question]:
     objects = scene.objects
     shapes = [o.shape for o in objects]
     colors = [o.color for o in objects]
     if kind in ("color", "shape"):
-        # Ask for one attribute of an object named by the other, which must be unique in the scene.
-        named_by = "shape" if kind == "color" else "color"
-        names = shapes if kind == "color" else colors
-        unique = [o for o in objects if names.count(getattr(o, named_by)) == 1]
-        if not unique:
-            return None
-        obj = unique[rng.integers(len(unique))]
-        text = f"What color is the {obj.shape}?" if kind == "color" else f"What shape is the {obj.color} object?"
-        return Question(kind, text, getattr(obj, kind))
+        return attribute_question(kind, objects, rng)
     if kind == "exist":
-        present = {(o.color, o.shape) for o in objects}
-        if rng.random() < 0.5:
-            color, shape = sorted(present)[rng.integers(len(present))]
-            return Question(kind, f"Is there a {color} {shape} in the image?", "yes")
-        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
-        adversarial = [(c, s) for c, s in absent if c in colors or s in shapes]
-        pool = adversarial if adversarial and rng.random() < 0.5 else absent
-        color, shape = pool[rng.integers(len(pool))]
-        return Question(kind, f"Is there a {color} {shape} in the image?", "no")
+        return exist_question(objects, rng)
     if kind == "count":
         # Mostly attributes that are present, repeated ones preferred; sometimes any (answer often 0).
         by_color = rng.random() < 0.5
@@ -251,16 +271,18 @@ def _question_of_type(kind: str, scene: Scene, rng: np.random.Generator) -> Opti
 
 
 def make_questions(scene: Scene, rng: np.random.Generator, count: int,
-                   types: Sequence[str] = QUESTION_TYPES) -> List[Question]:
+                   types: Sequence[str] = QUESTION_TYPES, *, question_of_type=None) -> List[Question]:
     """`count` distinct questions about the scene, types drawn in turn from a shuffled order (a type
-    that does not apply to the scene is skipped)."""
+    that does not apply to the scene is skipped). `question_of_type(kind, scene, rng)` makes one
+    question (default: v1's; `data_v2.make_questions` passes v2's)."""
+    question_of_type = question_of_type or _question_of_type
     order = [types[i] for i in rng.permutation(len(types))]
     questions: List[Question] = []
     seen = set()
     for attempt in range(8 * count * len(order)):
         if len(questions) == count:
             break
-        question = _question_of_type(order[attempt % len(order)], scene, rng)
+        question = question_of_type(order[attempt % len(order)], scene, rng)
         if question is not None and question.text not in seen:
             seen.add(question.text)
             questions.append(question)
@@ -328,63 +350,82 @@ def caption(scene: Scene) -> str:
     return " ".join(words)
 
 
-def caption_record(image_name: str, scene: Scene) -> dict:
+def human_turn(text: str) -> str:
+    """The human turn of a v1 record: the question, then the image ("{text}\n<image>")."""
+    return f"{text}\n<image>"
+
+
+def _version(testbed):
+    """The testbed version module a shared writer works for (this one, v1, by default). Each version
+    module has VERSION, QUESTION_TYPES, Scene, _rng, sample_scene, make_questions, render, caption,
+    human_turn and caption_record."""
+    return testbed if testbed is not None else sys.modules[__name__]
+
+
+def caption_record(image_name: str, scene: Scene, *, testbed=None) -> dict:
     """The LLaVA-format caption record of one image (prompt laid out like the question records')."""
+    t = _version(testbed)
     stem = os.path.splitext(os.path.basename(image_name))[0]
     return {
         "id": f"{stem}_{CAPTION_TYPE}",
         "image": image_name,
         "type": CAPTION_TYPE,
-        "conversations": [{"from": "human", "value": f"{CAPTION_PROMPT}\n<image>"},
-                          {"from": "gpt", "value": caption(scene)}],
+        "conversations": [{"from": "human", "value": t.human_turn(CAPTION_PROMPT)},
+                          {"from": "gpt", "value": t.caption(scene)}],
     }
 
 
-def _dump_captions(out_dir: str, split: str, scenes: Dict[str, Scene]) -> int:
-    records = [caption_record(image_name, scene) for image_name, scene in scenes.items()]
+def _dump_captions(out_dir: str, split: str, scenes: Dict[str, Scene], testbed=None) -> int:
+    t = _version(testbed)
+    records = [t.caption_record(image_name, scene) for image_name, scene in scenes.items()]
     with open(os.path.join(out_dir, f"{split}_captions.json"), "w") as handle:
         json.dump(records, handle, indent=1)
     return len(records)
 
 
-def write_captions(out_dir: str, split: str) -> int:
+def write_captions(out_dir: str, split: str, *, testbed=None) -> int:
     """Write `<split>_captions.json` from the `<split>_scenes.json` already under out_dir (a folder
     written before captions existed: no image is rendered again). Returns the number of captions."""
+    t = _version(testbed)
     with open(os.path.join(out_dir, f"{split}_scenes.json")) as handle:
-        scenes = {name: Scene.from_dict(scene) for name, scene in json.load(handle).items()}
-    return _dump_captions(out_dir, split, scenes)
+        scenes = {name: t.Scene.from_dict(scene) for name, scene in json.load(handle).items()}
+    return _dump_captions(out_dir, split, scenes, t)
 
 
-def generate(split: str, count: int, seed: int = 0, questions_per_image: int = 2):
+def generate(split: str, count: int, seed: int = 0, questions_per_image: int = 2, *, testbed=None):
     """Yield (index, scene, questions) for images 0..count-1 of a split. Image i of a split depends only
     on (seed, split, i), so a larger split extends a smaller one, and splits never share a seed."""
+    t = _version(testbed)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
     for index in range(count):
-        rng = _rng(seed, split, index)
-        scene = sample_scene(rng)
-        yield index, scene, make_questions(scene, rng, questions_per_image)
+        rng = t._rng(seed, split, index)
+        scene = t.sample_scene(rng)
+        yield index, scene, t.make_questions(scene, rng, questions_per_image)
 
 
 def write_split(out_dir: str, split: str, count: int, seed: int = 0, questions_per_image: int = 2,
-                progress: bool = True, captions: bool = True) -> Dict[str, int]:
+                progress: bool = True, captions: bool = True, *, testbed=None) -> Dict[str, int]:
     """Write `count` images of `split` with their questions (and, with `captions`, one caption each)
-    under out_dir (see the module docstring). Returns {question type: number of questions}."""
+    under out_dir (see the module docstring). Returns {question type: number of questions}.
+    `testbed`: the version module to write (default: this one, v1; `data_v2.write_split` passes v2)."""
     from tqdm.auto import tqdm
 
+    t = _version(testbed)
     os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    records, scenes, per_type = [], {}, {t: 0 for t in QUESTION_TYPES}
-    for index, scene, questions in tqdm(generate(split, count, seed, questions_per_image), total=count,
-                                        desc=f"testbed {split}", disable=not progress):
+    records, scenes, per_type = [], {}, {kind: 0 for kind in t.QUESTION_TYPES}
+    name = "testbed" if t.VERSION == 1 else f"testbed v{t.VERSION}"
+    for index, scene, questions in tqdm(generate(split, count, seed, questions_per_image, testbed=t), total=count,
+                                        desc=f"{name} {split}", disable=not progress):
         image_name = f"images/{split}_{index:06d}.png"
-        render(scene).save(os.path.join(out_dir, image_name), optimize=False)
+        t.render(scene).save(os.path.join(out_dir, image_name), optimize=False)
         scenes[image_name] = scene
         for q_index, question in enumerate(questions):
             records.append({
                 "id": f"{split}_{index:06d}_{q_index}",
                 "image": image_name,
                 "type": question.type,
-                "conversations": [{"from": "human", "value": f"{question.text}\n<image>"},
+                "conversations": [{"from": "human", "value": t.human_turn(question.text)},
                                   {"from": "gpt", "value": question.answer}],
             })
             per_type[question.type] += 1
@@ -393,7 +434,7 @@ def write_split(out_dir: str, split: str, count: int, seed: int = 0, questions_p
     with open(os.path.join(out_dir, f"{split}_scenes.json"), "w") as handle:
         json.dump({name: scene.to_dict() for name, scene in scenes.items()}, handle)
     if captions:
-        _dump_captions(out_dir, split, scenes)
+        _dump_captions(out_dir, split, scenes, t)
     return per_type
 
 

@@ -65,9 +65,8 @@ word ids.
 """
 
 import dataclasses
-import json
-import os
-from typing import Dict, List, Optional, Sequence, Tuple
+import sys
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -129,20 +128,10 @@ class SceneObject:
 
 
 @dataclasses.dataclass(frozen=True)
-class Scene:
-    """The objects (in drawing order) and the seed of the background clutter."""
+class Scene(v1.Scene):
+    """v1's scene (objects in drawing order, the clutter's seed) of v2 objects (with their marks)."""
 
-    objects: Tuple[SceneObject, ...]
-    background_seed: int
-
-    def to_dict(self) -> dict:
-        """JSON-ready description (the `<split>_scenes.json` entries)."""
-        return {"objects": [dataclasses.asdict(o) for o in self.objects], "background_seed": self.background_seed}
-
-    @staticmethod
-    def from_dict(data: dict) -> "Scene":
-        """The inverse of `to_dict`."""
-        return Scene(tuple(SceneObject(**o) for o in data["objects"]), int(data["background_seed"]))
+    object_type: ClassVar[type] = SceneObject
 
 
 def _rng(seed: int, split: str, index: int) -> np.random.Generator:
@@ -351,24 +340,9 @@ def _question_of_type(kind: str, scene: Scene, rng: np.random.Generator) -> Opti
     shapes, colors = [o.shape for o in objects], [o.color for o in objects]
     named = _unique(objects)
     if kind in ("color", "shape"):
-        named_by = "shape" if kind == "color" else "color"
-        names = shapes if kind == "color" else colors
-        unique = [o for o in objects if names.count(getattr(o, named_by)) == 1]
-        if not unique:
-            return None
-        obj = unique[rng.integers(len(unique))]
-        text = f"What color is the {obj.shape}?" if kind == "color" else f"What shape is the {obj.color} object?"
-        return Question(kind, text, getattr(obj, kind))
+        return v1.attribute_question(kind, objects, rng)
     if kind == "exist":
-        present = {(o.color, o.shape) for o in objects}
-        if rng.random() < 0.5:
-            color, shape = sorted(present)[rng.integers(len(present))]
-            return Question(kind, f"Is there a {color} {shape} in the image?", "yes")
-        absent = [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present]
-        adversarial = [(c, s) for c, s in absent if c in colors or s in shapes]
-        pool = adversarial if adversarial and rng.random() < 0.5 else absent
-        color, shape = pool[rng.integers(len(pool))]
-        return Question(kind, f"Is there a {color} {shape} in the image?", "no")
+        return v1.exist_question(objects, rng, SHAPES)
     if kind == "count":
         draw = rng.random()
         if draw < 0.2:
@@ -422,17 +396,7 @@ def make_questions(scene: Scene, rng: np.random.Generator, count: int,
                    types: Sequence[str] = QUESTION_TYPES) -> List[Question]:
     """`count` distinct questions about the scene, types drawn in turn from a shuffled order (a type
     that does not apply to the scene is skipped), as v1's."""
-    order = [types[i] for i in rng.permutation(len(types))]
-    questions: List[Question] = []
-    seen = set()
-    for attempt in range(8 * count * len(order)):
-        if len(questions) == count:
-            break
-        question = _question_of_type(order[attempt % len(order)], scene, rng)
-        if question is not None and question.text not in seen:
-            seen.add(question.text)
-            questions.append(question)
-    return questions
+    return v1.make_questions(scene, rng, count, types, question_of_type=_question_of_type)
 
 
 _TEMPLATES = ("What color is the {s}?", "What shape is the {c} object?", "Is there a {c} {s} in the image?",
@@ -482,71 +446,33 @@ def image_first(text: str) -> str:
     return f"<image>\n{text}"
 
 
+human_turn = image_first
+
+
+def _this():
+    return sys.modules[__name__]
+
+
 def caption_record(image_name: str, scene: Scene) -> dict:
     """The LLaVA-format caption record of one image (image-first prompt, "type": "caption")."""
-    stem = os.path.splitext(os.path.basename(image_name))[0]
-    return {
-        "id": f"{stem}_{CAPTION_TYPE}",
-        "image": image_name,
-        "type": CAPTION_TYPE,
-        "conversations": [{"from": "human", "value": image_first(CAPTION_PROMPT)},
-                          {"from": "gpt", "value": caption(scene)}],
-    }
-
-
-def _dump_captions(out_dir: str, split: str, scenes: Dict[str, Scene]) -> int:
-    records = [caption_record(image_name, scene) for image_name, scene in scenes.items()]
-    with open(os.path.join(out_dir, f"{split}_captions.json"), "w") as handle:
-        json.dump(records, handle, indent=1)
-    return len(records)
+    return v1.caption_record(image_name, scene, testbed=_this())
 
 
 def write_captions(out_dir: str, split: str) -> int:
     """Write `<split>_captions.json` from the `<split>_scenes.json` already under out_dir (no image is
     rendered again). Returns the number of captions."""
-    with open(os.path.join(out_dir, f"{split}_scenes.json")) as handle:
-        scenes = {name: Scene.from_dict(scene) for name, scene in json.load(handle).items()}
-    return _dump_captions(out_dir, split, scenes)
+    return v1.write_captions(out_dir, split, testbed=_this())
 
 
 def generate(split: str, count: int, seed: int = 0, questions_per_image: int = 3):
     """Yield (index, scene, questions) for images 0..count-1 of a split. Image i of a split depends only
     on (seed, split, i), so a larger split extends a smaller one, and splits never share a seed."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; choose one of {list(SPLITS)}")
-    for index in range(count):
-        rng = _rng(seed, split, index)
-        scene = sample_scene(rng)
-        yield index, scene, make_questions(scene, rng, questions_per_image)
+    return v1.generate(split, count, seed, questions_per_image, testbed=_this())
 
 
 def write_split(out_dir: str, split: str, count: int, seed: int = 0, questions_per_image: int = 3,
                 progress: bool = True, captions: bool = True) -> Dict[str, int]:
     """Write `count` images of `split` with their questions (and, with `captions`, one caption each)
     under out_dir (see the module docstring; prompts image first). Returns {question type: number of
-    questions}."""
-    from tqdm.auto import tqdm
-
-    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
-    records, scenes, per_type = [], {}, {t: 0 for t in QUESTION_TYPES}
-    for index, scene, questions in tqdm(generate(split, count, seed, questions_per_image), total=count,
-                                        desc=f"testbed v2 {split}", disable=not progress):
-        image_name = f"images/{split}_{index:06d}.png"
-        render(scene).save(os.path.join(out_dir, image_name), optimize=False)
-        scenes[image_name] = scene
-        for q_index, question in enumerate(questions):
-            records.append({
-                "id": f"{split}_{index:06d}_{q_index}",
-                "image": image_name,
-                "type": question.type,
-                "conversations": [{"from": "human", "value": image_first(question.text)},
-                                  {"from": "gpt", "value": question.answer}],
-            })
-            per_type[question.type] += 1
-    with open(os.path.join(out_dir, f"{split}.json"), "w") as handle:
-        json.dump(records, handle, indent=1)
-    with open(os.path.join(out_dir, f"{split}_scenes.json"), "w") as handle:
-        json.dump({name: scene.to_dict() for name, scene in scenes.items()}, handle)
-    if captions:
-        _dump_captions(out_dir, split, scenes)
-    return per_type
+    questions}. The writer is v1's (`data.write_split`), given this module."""
+    return v1.write_split(out_dir, split, count, seed, questions_per_image, progress, captions, testbed=_this())

@@ -2,6 +2,8 @@
 
     python -m autoselect.testbed --out data/testbed --train 20000 --val 500 --test 500
     python -m autoselect.testbed.train_vlm --data data/testbed --out checkpoints/tiny-vlm
+    python -m autoselect.testbed --version 2 --out data/testbed-v2 ...   # testbed v2 (see below)
+    python -m autoselect.testbed.train_vlm --version 2 --data data/testbed-v2 --out checkpoints/tiny-vlm-v2 --resume
 
 Every parameter of the VLM is trained here (vision tower, projector, language model): this makes the
 frozen VLM that AutoSelect is later trained on. Training runs in two stages.
@@ -33,6 +35,29 @@ both give 0.833 on the first 96 validation questions); the best checkpoint is sa
 saves after stage 1; --tower-from starts stage 2 from such a tower instead of running stage 1; --init-from
 continues from every weight of a saved tiny VLM (a second stage 2 with a fresh schedule).
 
+Testbed v2 (--version 2; default 1, the shipped weights' testbed): the data module is `data_v2` (scenes,
+patch labels, the extra questions), the tokenizer covers v2's vocabulary, the sizes are `vlm.V2_SIZES`
+(--sizes overrides any of them, as JSON) and the prompt puts the image first (`vlm.prompt(...,
+version=2)`, as v2's records do). Stage 1 adds a sixth head that reads the digit mark on each patch
+(`data_v2.mark_patches`: 0 = no mark, 1..10 = digit 0..9; mark patches weigh MARK_PATCH_WEIGHT in its loss),
+and its `vision_eval` lines add "mark" (digit accuracy on marked patches) and "mark_none" (no mark predicted
+where there is none, grey decoy digits included). Stage 2 replaces a sample by its image's caption
+(`<split>_captions.json`, "What is in the image?") with probability --caption-fraction (default 0.2 for v2,
+0 for v1), so the VLM also captions (the selector is trained on captions); each sample then weighs the same
+in the loss (--loss-average samples, v2's default: a caption has tens of answer tokens, a question one),
+where v1 averages over all answer tokens. The curriculum stays, but v2's last half trains on all 576
+tokens (--full-from 0.5 by default; v1: 0.8), so the result is at home with full visual sequences.
+
+Interrupting and resuming (both versions): every --checkpoint-every steps (default 250), at a stop by
+--max-minutes or --stop-at, and after the last step, the running stage writes OUT/resume/ atomically (a
+temporary folder renamed into place): model.safetensors (every weight; stage 1 also the heads), the
+optimizer state and trainer_state.json (stage, step, running loss, best-so-far record, the schedule's
+param_groups, the data order and the python RNG states) and rng.safetensors (torch's global RNG and the
+curriculum's generator). --resume continues from it (or starts afresh when there is none, so one command
+serves every session) and ends with the same weights as an uninterrupted run with the same arguments; the
+log is appended to. --max-minutes counts this session's minutes (from the start of the command, stage 1
+included; stage 1 now stops at it too), the log's "minutes" the whole run's. --tower-from still skips stage 1.
+
 Both stages run through `training.loop.Trainer` (AdamW, `warmup_cosine`, clip 1.0, the running loss, best
 tracking), the loop `autoselect train` uses too, and stage 2 encodes through `training.data.
 ConversationCollator` (with a per-row image-token count for the curriculum), the collator of the trainer
@@ -44,6 +69,7 @@ import collections
 import json
 import os
 import random
+import shutil
 import sys
 import time
 from types import SimpleNamespace as _Run  # what `main` holds between its steps (built by `setup`)
@@ -53,8 +79,14 @@ import torch
 from ..conversation import IGNORE_INDEX  # noqa: F401 (re-exported: the package's one definition)
 from ..evaluation import accuracy_of
 from ..training.data import ConversationCollator
-from ..training.loop import Trainer, scaled, warmup_cosine
+from ..training.loop import Trainer, restore_optimizer, save_optimizer, scaled, warmup_cosine
 from . import vlm
+
+RESUME = "resume"  # OUT/resume/: the checkpoint --resume continues from
+MARK_PATCH_WEIGHT = 5.0  # stage 1 (v2): weight of a patch with a mark in the digit head's loss
+# Per-version defaults of the options whose default depends on --version.
+VERSION_DEFAULTS = {1: dict(full_from=0.8, caption_fraction=0.0, loss_average="tokens"),
+                    2: dict(full_from=0.5, caption_fraction=0.2, loss_average="samples")}
 
 
 def load_records(data_dir: str, split: str):
@@ -72,37 +104,46 @@ def group_by_image(records):
     return groups
 
 
+def load_captions(data_dir: str, split: str):
+    """{image path: (prompt, caption)} of `<split>_captions.json` (prompt without its `<image>`)."""
+    return {image: (question, answer) for image, turns in group_by_image(load_records(data_dir, f"{split}_captions"))
+            .items() for question, answer, _ in turns[:1]}
+
+
 class PatchHeads(torch.nn.Module):
     """Stage 1's linear heads on the vision tower's feature layer (dropped after stage 1): per patch, the
     colour and the shape of the object on it (0 = background), whether the object's centre lies in the
-    patch, and the patch's own row and column (which keeps the position in the features)."""
+    patch, and the patch's own row and column (which keeps the position in the features); version 2 adds
+    the digit mark on the patch (0 = none, 1..10 = digit 0..9)."""
 
-    def __init__(self, hidden):
+    def __init__(self, hidden, version: int = 1):
         super().__init__()
-        from .data import COLORS, SHAPES
-
+        source = vlm.data_module(version)
         grid = vlm.IMAGE_SIZE // vlm.PATCH_SIZE
-        self.color = torch.nn.Linear(hidden, 1 + len(COLORS))
-        self.shape = torch.nn.Linear(hidden, 1 + len(SHAPES))
+        self.color = torch.nn.Linear(hidden, 1 + len(source.COLORS))
+        self.shape = torch.nn.Linear(hidden, 1 + len(source.SHAPES))
         self.centre = torch.nn.Linear(hidden, 2)
         self.row = torch.nn.Linear(hidden, grid)
         self.col = torch.nn.Linear(hidden, grid)
+        self.names = ("color", "shape", "centre", "row", "col")
+        if version == 2:  # created last: v1's heads draw the same initial weights as before
+            self.mark = torch.nn.Linear(hidden, 1 + len(source.DIGITS))
+            self.names += ("mark",)
 
     def forward(self, features):
-        return {name: getattr(self, name)(features) for name in ("color", "shape", "centre", "row", "col")}
+        return {name: getattr(self, name)(features) for name in self.names}
 
 
-def patch_targets(scenes):
+def patch_targets(scenes, version: int = 1):
     """Stage 1 labels of each scene's 576 patches (see PatchHeads), stacked: {name: (B, 576) long}."""
-    from .data import COLORS, SHAPES, patch_labels
-
+    source = vlm.data_module(version)
     grid = vlm.IMAGE_SIZE // vlm.PATCH_SIZE
-    color_index = {c: i + 1 for i, c in enumerate(COLORS)}
-    shape_index = {c: i + 1 for i, c in enumerate(SHAPES)}
+    color_index = {c: i + 1 for i, c in enumerate(source.COLORS)}
+    shape_index = {c: i + 1 for i, c in enumerate(source.SHAPES)}
     out = collections.defaultdict(list)
     position = torch.arange(grid * grid)
     for scene in scenes:
-        owner = torch.as_tensor(patch_labels(scene))
+        owner = torch.as_tensor(source.patch_labels(scene))
         out["color"].append(torch.tensor([0] + [color_index[o.color] for o in scene.objects])[owner])
         out["shape"].append(torch.tensor([0] + [shape_index[o.shape] for o in scene.objects])[owner])
         centre = torch.zeros(grid * grid, dtype=torch.long)
@@ -111,12 +152,15 @@ def patch_targets(scenes):
         out["centre"].append(centre)
         out["row"].append(position // grid)
         out["col"].append(position % grid)
+        if version == 2:
+            out["mark"].append(torch.as_tensor(source.mark_patches(scene)))
     return {name: torch.stack(values) for name, values in out.items()}
 
 
 def patch_loss(outputs, targets, background_weight=0.1):
     """Cross-entropy of the stage 1 heads; background patches weigh `background_weight` in the colour,
-    shape and centre terms (objects cover about 5% of the patches)."""
+    shape and centre terms (objects cover about 5% of the patches); the mark term (v2) weighs patches
+    with a mark MARK_PATCH_WEIGHT, the others as in the colour term."""
     obj = targets["color"] > 0
     weight = torch.where(obj, 1.0, background_weight)
     loss = 0.0
@@ -125,6 +169,11 @@ def patch_loss(outputs, targets, background_weight=0.1):
         loss = loss + (ce * weight.flatten()).sum() / weight.sum()
     for name in ("row", "col"):
         loss = loss + 0.1 * torch.nn.functional.cross_entropy(outputs[name].flatten(0, 1), targets[name].flatten())
+    if "mark" in targets:
+        mark_weight = torch.where(targets["mark"] > 0, MARK_PATCH_WEIGHT, weight).flatten()
+        ce = torch.nn.functional.cross_entropy(outputs["mark"].flatten(0, 1), targets["mark"].flatten(),
+                                               reduction="none")
+        loss = loss + (ce * mark_weight).sum() / mark_weight.sum()
     return loss
 
 
@@ -134,17 +183,17 @@ def tower_features(model, pixel_values):
     return hidden[model.config.vision_feature_layer][:, 1:]
 
 
-def load_scenes(data_dir, split):
-    from .data import Scene
-
+def load_scenes(data_dir, split, version: int = 1):
+    Scene = vlm.data_module(version).Scene
     with open(os.path.join(data_dir, f"{split}_scenes.json")) as handle:
         return [(path, Scene.from_dict(scene)) for path, scene in json.load(handle).items()]
 
 
 @torch.no_grad()
-def evaluate_vision(model, heads, processor, data_dir, scenes, batch_size=16):
+def evaluate_vision(model, heads, processor, data_dir, scenes, batch_size=16, version: int = 1):
     """Stage 1 accuracy per patch: colour and shape on object patches, background kept as background,
-    centre recall, and row/column."""
+    centre recall, and row/column; version 2 also the digit on patches with a mark ("mark") and no mark
+    predicted on the others ("mark_none")."""
     from PIL import Image
 
     hits, counts = collections.Counter(), collections.Counter()
@@ -153,7 +202,7 @@ def evaluate_vision(model, heads, processor, data_dir, scenes, batch_size=16):
         images = [Image.open(os.path.join(data_dir, path)).convert("RGB") for path, _ in chunk]
         features = tower_features(model, processor.image_processor(images, return_tensors="pt")["pixel_values"])
         outputs = heads(features)
-        targets = patch_targets([scene for _, scene in chunk])
+        targets = patch_targets([scene for _, scene in chunk], version)
         obj = targets["color"] > 0
         predicted = {name: value.argmax(-1) for name, value in outputs.items()}
         for name in ("color", "shape"):
@@ -169,38 +218,139 @@ def evaluate_vision(model, heads, processor, data_dir, scenes, batch_size=16):
         for name in ("row", "col"):
             hits[name] += int((predicted[name] == targets[name]).sum())
             counts[name] += targets[name].numel()
+        if "mark" in targets:
+            marked = targets["mark"] > 0
+            hits["mark"] += int((predicted["mark"] == targets["mark"])[marked].sum())
+            counts["mark"] += int(marked.sum())
+            hits["mark_none"] += int((predicted["mark"] == 0)[~marked].sum())
+            counts["mark_none"] += int((~marked).sum())
     return {name: round(hits[name] / max(1, counts[name]), 4) for name in counts}
 
 
+# -- resume checkpoints ----------------------------------------------------------------------------------
+
+def save_resume(out: str, stage: int, step: int, trainer: Trainer, weights: dict, state: dict,
+                generators: dict = None):
+    """Write OUT/resume/ atomically (see the module docstring): `weights` (name -> tensor) as
+    model.safetensors, the optimizer and trainer_state.json (stage, step, the trainer's running loss and
+    best record, python's global RNG state and `state`), torch's global RNG state and each of `generators`'
+    (torch.Generator) in rng.safetensors. Written to OUT/resume.tmp, then renamed into place."""
+    from safetensors.torch import save_file
+
+    final = os.path.join(out, RESUME)
+    temporary, old = f"{final}.tmp", f"{final}.old"
+    shutil.rmtree(temporary, ignore_errors=True)
+    os.makedirs(temporary)
+    save_file({name: value.detach().cpu().clone().contiguous() for name, value in weights.items()},
+              os.path.join(temporary, "model.safetensors"))
+    rng = {"torch": torch.get_rng_state()}
+    rng.update({f"generator.{name}": g.get_state() for name, g in (generators or {}).items()})
+    save_file(rng, os.path.join(temporary, "rng.safetensors"))
+    version, internal, gauss = random.getstate()
+    save_optimizer(temporary, trainer.optimizer, {
+        "stage": stage, "step": step, "running": trainer.running, **trainer.state(),
+        "python_random": [version, list(internal), gauss], **state})
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(final):
+        os.rename(final, old)
+    os.rename(temporary, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def resume_folder(out: str):
+    """OUT/resume/ if a complete one is there (or OUT/resume.old, left by a stop between the two renames
+    of `save_resume`), else None."""
+    for name in (RESUME, f"{RESUME}.old"):
+        folder = os.path.join(out, name)
+        if os.path.exists(os.path.join(folder, "trainer_state.json")):
+            return folder
+    return None
+
+
+def load_resume(folder: str):
+    """(state, weights, rng tensors) of a checkpoint written by `save_resume` (the optimizer is restored
+    by `restore_resume`)."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(folder, "trainer_state.json")) as handle:
+        state = json.load(handle)
+    weights = load_file(os.path.join(folder, "model.safetensors"))
+    return state, weights, load_file(os.path.join(folder, "rng.safetensors"))
+
+
+def restore_resume(folder: str, trainer: Trainer, state: dict, rng: dict, generators: dict = None):
+    """The optimizer, the trainer's running loss and best record, python's and torch's global RNG and
+    `generators`' states of a checkpoint (`load_resume`'s state and rng)."""
+    restore_optimizer(folder, trainer.optimizer, state)
+    trainer.running = state["running"]
+    trainer.load_state(state)
+    version, internal, gauss = state["python_random"]
+    random.setstate((version, tuple(internal), gauss))
+    torch.set_rng_state(rng["torch"])
+    for name, generator in (generators or {}).items():
+        generator.set_state(rng[f"generator.{name}"])
+
+
 def pretrain_vision(model, processor, data_dir, steps, batch_size, lr, seed, write, progress=True,
-                    warmup=100, eval_every=500, eval_images=200):
+                    warmup=100, eval_every=500, eval_images=200, version: int = 1, out=None, checkpoint_every=0,
+                    resume=None, should_stop=None):
     """Stage 1: per-patch labels (PatchHeads) on the vision tower's feature layer; the heads are dropped
-    afterwards. A `Trainer`: AdamW, linear warmup times a cosine decay (`warmup_cosine`), clip 1.0."""
+    afterwards. A `Trainer`: AdamW, linear warmup times a cosine decay (`warmup_cosine`), clip 1.0.
+
+    With `out`, writes OUT/resume/ (stage 1) every `checkpoint_every` steps, at a stop and after the last
+    step; `resume` (a `load_resume` result and its folder) continues from such a checkpoint;
+    `should_stop(step)` gives a reason to stop after that step (or None). Returns the heads, with
+    `stopped` (the reason, or None)."""
     from PIL import Image
 
-    scenes = load_scenes(data_dir, "train")
-    val_scenes = load_scenes(data_dir, "val")[:eval_images]
-    heads = PatchHeads(model.config.vision_config.hidden_size)
+    scenes = load_scenes(data_dir, "train", version)
+    val_scenes = load_scenes(data_dir, "val", version)[:eval_images]
+    heads = PatchHeads(model.config.vision_config.hidden_size, version)
     parameters = list(model.model.vision_tower.parameters()) + list(heads.parameters())
-    trainer = Trainer(parameters, steps=steps, lr=lr, schedule=scaled(warmup_cosine(warmup, steps)), clip=1.0,
-                      weight_decay=0.01, smoothing=0.95, progress=progress,
-                      progress_options={"desc": "stage 1: vision tower", "mininterval": 10})
+    start = 0
     generator = random.Random(seed)
+    if resume is not None:
+        folder, (state, weights, _) = resume
+        start = state["step"]
+        model.load_state_dict({k: v for k, v in weights.items() if not k.startswith("heads.")})
+        heads.load_state_dict({k[len("heads."):]: v for k, v in weights.items() if k.startswith("heads.")})
+    trainer = Trainer(parameters, steps=steps, lr=lr, schedule=scaled(warmup_cosine(warmup, steps)), clip=1.0,
+                      weight_decay=0.01, smoothing=0.95, progress=progress, start=start,
+                      progress_options={"desc": "stage 1: vision tower", "mininterval": 10})
+    if resume is not None:
+        restore_resume(folder, trainer, state, resume[1][2])
+        internal = state["stage_random"]
+        generator.setstate((internal[0], tuple(internal[1]), internal[2]))
+
+    def checkpoint(step):
+        weights = {**model.state_dict(), **{f"heads.{k}": v for k, v in heads.state_dict().items()}}
+        internal = generator.getstate()
+        save_resume(out, 1, step, trainer, weights, {"stage_random": [internal[0], list(internal[1]), internal[2]]})
+
+    heads.stopped = None
     for index in trainer:
         step = index + 1
         picked = generator.sample(scenes, batch_size)
         images = [Image.open(os.path.join(data_dir, path)).convert("RGB") for path, _ in picked]
         pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        loss = patch_loss(heads(tower_features(model, pixel_values)), patch_targets([scene for _, scene in picked]))
+        loss = patch_loss(heads(tower_features(model, pixel_values)),
+                          patch_targets([scene for _, scene in picked], version))
         loss.backward()
         trainer.step(index, loss.item())
         trainer.bar.set_postfix(loss=f"{trainer.running:.3f}")
         if step % 50 == 0 or step == steps:
             write({"event": "vision", "step": step, "loss": round(trainer.running, 4)})
         if val_scenes and (step % eval_every == 0 or step == steps):
-            metrics = evaluate_vision(model, heads, processor, data_dir, val_scenes)
+            metrics = evaluate_vision(model, heads, processor, data_dir, val_scenes, version=version)
             write({"event": "vision_eval", "step": step, **metrics})
             trainer.write(f"stage 1 step {step}: {metrics}")
+        heads.stopped = should_stop(step) if should_stop is not None and step < steps else None
+        due = checkpoint_every and step % checkpoint_every == 0
+        if out is not None and (heads.stopped or step == steps or due):
+            checkpoint(step)
+        if heads.stopped:
+            write({"event": "stop", "stage": 1, "reason": heads.stopped, "step": step})
+            break
     return heads
 
 
@@ -215,12 +365,11 @@ def background_fraction(step, steps, start, full_from, ramp_from):
     return start + (1.0 - start) * (step - ramp_begin) / max(1.0, ramp_end - ramp_begin)
 
 
-def curriculum_tokens(scene, fraction, generator):
+def curriculum_tokens(scene, fraction, generator, version: int = 1):
     """Ascending patch indices shown to the language model: every patch an object touches
-    (`data.patch_labels`) and each background patch with probability `fraction` (at least one)."""
-    from .data import patch_labels
-
-    owner = torch.as_tensor(patch_labels(scene))
+    (`patch_labels` of `version`'s data module) and each background patch with probability `fraction`
+    (at least one)."""
+    owner = torch.as_tensor(vlm.data_module(version).patch_labels(scene))
     if fraction >= 1.0:
         return torch.arange(owner.numel())
     keep = (owner > 0) | (torch.rand(owner.numel(), generator=generator) < fraction)
@@ -235,6 +384,11 @@ def build_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="folder written by `python -m autoselect.testbed`")
     parser.add_argument("--out", required=True, help="output folder for the model, processor and log")
+    parser.add_argument("--version", type=int, choices=vlm.VERSIONS, default=1,
+                        help="testbed version of --data: 1 (data, the shipped weights') or 2 (data_v2)")
+    parser.add_argument("--sizes", type=json.loads, default=None,
+                        help="JSON object overriding the version's model sizes (vlm.DEFAULT_SIZES / V2_SIZES), "
+                             "e.g. '{\"text_layers\": 2}'")
     parser.add_argument("--vision-steps", type=int, default=1500, help="stage 1 steps (per-patch labels)")
     parser.add_argument("--vision-batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=2000, help="stage 2 steps (answers; 0: save after stage 1)")
@@ -245,12 +399,20 @@ def build_parser():
                         help="stage 2 learning rate of the vision tower (0: frozen after stage 1)")
     parser.add_argument("--extra-questions", type=int, default=5,
                         help="stage 2: questions per image generated from the scene, added to the data's")
+    parser.add_argument("--caption-fraction", type=float, default=None,
+                        help="stage 2: probability that a sample is its image's caption (<split>_captions.json) "
+                             "instead of questions (default: 0.2 for --version 2, 0 for 1)")
+    parser.add_argument("--loss-average", choices=("tokens", "samples"), default=None,
+                        help="stage 2: the loss is the mean over all answer tokens of the batch (tokens, v1's "
+                             "default) or the mean of each sample's mean (samples, v2's: a caption weighs as "
+                             "much as a one-word answer)")
     parser.add_argument("--background-start", type=float, default=0.05,
                         help="stage 2 curriculum: fraction of background patches shown at first (1: no curriculum)")
     parser.add_argument("--ramp-from", type=float, default=0.35,
                         help="stage 2 curriculum: the background fraction starts rising at this fraction of --steps")
-    parser.add_argument("--full-from", type=float, default=0.8,
-                        help="stage 2 curriculum: every token from this fraction of --steps on")
+    parser.add_argument("--full-from", type=float, default=None,
+                        help="stage 2 curriculum: every token from this fraction of --steps on (default: 0.8 for "
+                             "--version 1, 0.5 for 2)")
     parser.add_argument("--turns", type=int, default=1,
                         help="stage 2: questions per image in one sample (later turns follow the image)")
     parser.add_argument("--init-from", help="a saved tiny VLM to continue from (every weight; with "
@@ -260,26 +422,69 @@ def build_parser():
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-records", type=int, default=600, help="validation questions per evaluation")
-    parser.add_argument("--max-minutes", type=float, default=None, help="stop (and keep the best) after this")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop after this many minutes of this command (the resume checkpoint written; "
+                             "stage 2 also validates and keeps the best)")
+    parser.add_argument("--stop-at", type=int, default=None,
+                        help="stop after this stage 2 step (the resume checkpoint written), e.g. to split a run "
+                             "across sessions; --resume continues")
+    parser.add_argument("--checkpoint-every", type=int, default=250,
+                        help="write OUT/resume/ every this many steps of either stage (0: only at a stop and at "
+                             "the end)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from OUT/resume/ (same arguments), or start afresh when there is none")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
     return parser
 
 
+def resolve_defaults(args):
+    """Fill the options whose default depends on --version (VERSION_DEFAULTS); returns args."""
+    for name, value in VERSION_DEFAULTS[args.version].items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
 def main(argv=None):
     """Stage 1 (unless --vision-steps 0), then stage 2 with validation every --eval-every steps; returns 0."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = resolve_defaults(parser.parse_args(argv))
     if args.init_from and args.tower_from:
         parser.error("--init-from loads every weight, the tower included: give it or --tower-from, not both")
+    if args.sizes is not None and not isinstance(args.sizes, dict):
+        parser.error("--sizes must be a JSON object")
+    if args.caption_fraction > 0 and args.steps and not os.path.exists(os.path.join(args.data, "train_captions.json")):
+        parser.error(f"--caption-fraction {args.caption_fraction}: no train_captions.json in {args.data} (write it "
+                     f"with `python -m autoselect.testbed --captions-only --version {args.version} --out {args.data}`)")
     run = setup(args)
-    if args.vision_steps:
-        pretrain_vision(run.model, run.processor, args.data, args.vision_steps, args.vision_batch_size, args.vision_lr,
-                        args.seed, run.write)
+    stage = run.resume[1][0]["stage"] if run.resume else 1
+    if args.vision_steps and stage == 1:
+        heads = pretrain_vision(run.model, run.processor, args.data, args.vision_steps, args.vision_batch_size,
+                                args.vision_lr, args.seed, run.write, version=args.version, out=args.out,
+                                checkpoint_every=args.checkpoint_every, resume=run.resume,
+                                should_stop=lambda step: out_of_time(run))
+        if heads.stopped:
+            run.write({"event": "end", "best_val_accuracy": -1.0, "minutes": round(run_minutes(run), 2)})
+            print(f"stopped in stage 1 ({heads.stopped}); continue with --resume")
+            return 0
+        run.resume = None  # stage 2 starts afresh after a resumed stage 1
     if args.steps == 0:  # stage 1 only: keep its tower for a later --tower-from
         run.model.save_pretrained(args.out)
         run.processor.save_pretrained(args.out)
     trainer = stage2_trainer(run)
+    generators = {"curriculum": run.token_generator}
+    if run.resume:
+        folder, (state, weights, rng) = run.resume
+        run.model.load_state_dict(weights)
+        trainer.start = state["step"]
+        restore_resume(folder, trainer, state, rng, generators)
+        run.order, run.cursor, run.minutes_before = state["order"], state["cursor"], state["minutes"]
+
+    def checkpoint(step):
+        save_resume(args.out, 2, step, trainer, run.model.state_dict(),
+                    {"order": run.order, "cursor": run.cursor, "minutes": round(run_minutes(run), 4)}, generators)
+
     for index in trainer:
         step = index + 1
         fraction = background_fraction(step, args.steps, args.background_start, args.full_from, args.ramp_from)
@@ -287,37 +492,57 @@ def main(argv=None):
         loss.backward()
         trainer.step(index, loss.item())
         trainer.bar.set_postfix(loss=f"{trainer.running:.3f}", lr=f"{trainer.lr:.1e}", background=f"{fraction:.2f}")
-        minutes = (time.time() - run.start) / 60
-        out_of_time = args.max_minutes is not None and minutes > args.max_minutes
-        if step % args.eval_every == 0 or step == args.steps or out_of_time:
+        minutes = run_minutes(run)
+        stop = out_of_time(run) or (f"--stop-at {args.stop_at} reached" if args.stop_at is not None
+                                    and step >= args.stop_at and step < args.steps else None)
+        if step % args.eval_every == 0 or step == args.steps or stop:
             validate(run, trainer, step, minutes)
         elif step % 50 == 0:
             run.write({"event": "train", "step": step, "minutes": round(minutes, 2), "loss": round(trainer.running, 4),
                        "background_fraction": round(fraction, 3)})
-        if out_of_time:
-            run.write({"event": "stop", "reason": f"--max-minutes {args.max_minutes} reached", "step": step})
+        if stop or step == args.steps or (args.checkpoint_every and step % args.checkpoint_every == 0):
+            checkpoint(step)
+        if stop:
+            run.write({"event": "stop", "reason": stop, "step": step})
             break
     best = trainer.best if trainer.best is not None else -1.0
-    run.write({"event": "end", "best_val_accuracy": best, "minutes": round((time.time() - run.start) / 60, 2)})
+    run.write({"event": "end", "best_val_accuracy": best, "minutes": round(run_minutes(run), 2)})
     print(f"best validation accuracy {best:.4f}; model, processor and log in {args.out}")
     return 0
 
 
+def run_minutes(run: _Run) -> float:
+    """Minutes of the whole run: this command's and those of the sessions it resumes."""
+    return run.minutes_before + (time.time() - run.start) / 60
+
+
+def out_of_time(run: _Run):
+    """The reason to stop when this command has run longer than --max-minutes, else None."""
+    limit = run.args.max_minutes
+    if limit is not None and (time.time() - run.start) / 60 > limit:
+        return f"--max-minutes {limit} reached"
+    return None
+
+
 def setup(args) -> _Run:
     """Seeds, the fresh model (or --init-from / --tower-from weights) in train mode, the processor, the
-    collator, the data, and the log (train_log.jsonl, its "start" line written)."""
+    collator, the data, and the log (train_log.jsonl, its "start" line written; appended to when resuming)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     os.makedirs(args.out, exist_ok=True)
-    processor = vlm.build_processor()
-    model = vlm.build_model(seed=args.seed, tokenizer=processor.tokenizer)
+    folder = resume_folder(args.out) if args.resume else None
+    resume = (folder, load_resume(folder)) if folder else None
+    processor = vlm.build_processor(version=args.version)
+    model = vlm.build_model(seed=args.seed, tokenizer=processor.tokenizer, version=args.version, **(args.sizes or {}))
     model.train()
     train_groups = list(group_by_image(load_records(args.data, "train")).items())
     val_records = load_records(args.data, "val")[:args.eval_records]
+    captions = load_captions(args.data, "train") if args.caption_fraction > 0 and args.steps else {}
     log_path = os.path.join(args.out, "train_log.jsonl")
-    open(log_path, "w").close()
+    if resume is None:
+        open(log_path, "w").close()
 
     def write(entry):
         with open(log_path, "a") as handle:
@@ -325,6 +550,11 @@ def setup(args) -> _Run:
 
     write({"event": "start", "args": vars(args), "parameters": sum(p.numel() for p in model.parameters()),
            "torch": torch.__version__, "train_images": len(train_groups), "val_records": len(val_records)})
+    if resume is not None:
+        write({"event": "resume", "path": folder, "stage": resume[1][0]["stage"], "step": resume[1][0]["step"]})
+    elif args.resume:
+        write({"event": "resume", "path": None, "note": f"no checkpoint in {os.path.join(args.out, RESUME)}: "
+               "starting afresh"})
     if args.tower_from or args.init_from:
         from transformers import LlavaForConditionalGeneration
 
@@ -336,9 +566,10 @@ def setup(args) -> _Run:
         write({"event": "init_from" if args.init_from else "tower_from", "path": args.init_from or args.tower_from})
         del source
     return _Run(args=args, model=model, processor=processor, collator=ConversationCollator(processor, args.data),
-                train_groups=train_groups, val_records=val_records, train_scenes=dict(load_scenes(args.data, "train")),
+                train_groups=train_groups, val_records=val_records,
+                train_scenes=dict(load_scenes(args.data, "train", args.version)), captions=captions,
                 token_generator=torch.Generator().manual_seed(args.seed), write=write, start=time.time(),
-                order=[], cursor=0)
+                minutes_before=0.0, order=[], cursor=0, resume=resume)
 
 
 def stage2_trainer(run: _Run) -> Trainer:
@@ -359,16 +590,25 @@ def stage2_trainer(run: _Run) -> Trainer:
                    maximize=True, progress_options={"desc": "stage 2: tiny VLM", "mininterval": 10})
 
 
+def is_caption(run: _Run, step: int, row: int) -> bool:
+    """Whether row `row` of stage 2's `step` is a caption sample: probability --caption-fraction, drawn
+    from its own stream (deterministic from --seed, the step and the row; no draw at fraction 0)."""
+    import numpy as np
+
+    fraction = run.args.caption_fraction
+    return fraction > 0 and float(np.random.default_rng([run.args.seed, step, row, 1]).random()) < fraction
+
+
 def stage2_batch(run: _Run, step: int):
     """(images, conversations, scene paths) of stage 2's `step` (1-based): the next --batch-size images
     of a shuffled order, each with --turns of its questions (the data's and --extra-questions more
-    generated from the scene), the image after the first question (`vlm.image_question`)."""
+    generated from the scene) or, with probability --caption-fraction, its caption; the image placed as
+    the version's prompt has it (`vlm.image_question`: v1 after the first question, v2 before it)."""
     import numpy as np
     from PIL import Image
 
-    from .data import make_questions
-
     args = run.args
+    make_questions = vlm.data_module(args.version).make_questions
     if run.cursor + args.batch_size > len(run.order):
         run.order, run.cursor = random.sample(range(len(run.train_groups)), len(run.train_groups)), 0
     picked = [run.train_groups[i] for i in run.order[run.cursor:run.cursor + args.batch_size]]
@@ -376,6 +616,10 @@ def stage2_batch(run: _Run, step: int):
     images = [Image.open(os.path.join(args.data, path)).convert("RGB") for path, _ in picked]
     conversations = []
     for row, (path, turns) in enumerate(picked):
+        if is_caption(run, step, row):
+            prompt, text = run.captions[path]
+            conversations.append([(vlm.image_question(prompt, args.version), text)])
+            continue
         turns = [(q, a) for q, a, _ in turns]
         if args.extra_questions:
             rng = np.random.default_rng([args.seed, step, row])
@@ -383,25 +627,42 @@ def stage2_batch(run: _Run, step: int):
             turns += [(q.text, q.answer) for q in make_questions(run.train_scenes[path], rng, args.extra_questions)
                       if q.text not in asked]
         turns = random.sample(turns, min(args.turns, len(turns)))
-        conversations.append([(vlm.image_question(q) if i == 0 else q, a) for i, (q, a) in enumerate(turns)])
+        conversations.append([(vlm.image_question(q, args.version) if i == 0 else q, a)
+                              for i, (q, a) in enumerate(turns)])
     return images, conversations, [path for path, _ in picked]
 
 
+def per_sample_loss(logits, labels):
+    """The mean over samples of each sample's mean next-token loss on its labelled tokens."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    counts = (labels != IGNORE_INDEX).sum(1)
+    return (ce.sum(1) / counts.clamp(min=1))[counts > 0].mean()
+
+
 def stage2_loss(run: _Run, step: int, fraction: float):
-    """Stage 2's next-token loss on the answers of `step`'s batch; below fraction 1 the curriculum: the
-    language model sees the object patches and `fraction` of the background (positions contiguous)."""
+    """Stage 2's next-token loss on the answers of `step`'s batch (over all answer tokens, or per sample
+    with --loss-average samples); below fraction 1 the curriculum: the language model sees the object
+    patches and `fraction` of the background (positions contiguous)."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     images, conversations, paths = stage2_batch(run, step)
-    model = run.model
+    model, per_sample = run.model, run.args.loss_average == "samples"
     if fraction >= 1.0:
-        return model(**run.collator.batch(images, conversations)).loss
-    shown = [curriculum_tokens(run.train_scenes[path], fraction, run.token_generator) for path in paths]
-    inputs = run.collator.batch(images, conversations, [len(s) for s in shown])
-    features = model.model.get_image_features(pixel_values=inputs.pop("pixel_values"), return_dict=True)
-    features = features.pooler_output if hasattr(features, "pooler_output") else features
-    features = [f[s] for f, s in zip(features, shown)]
-    return model(**inputs, mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=features)}).loss
+        inputs = run.collator.batch(images, conversations)
+        extra = {}
+    else:
+        shown = [curriculum_tokens(run.train_scenes[path], fraction, run.token_generator, run.args.version)
+                 for path in paths]
+        inputs = run.collator.batch(images, conversations, [len(s) for s in shown])
+        features = model.model.get_image_features(pixel_values=inputs.pop("pixel_values"), return_dict=True)
+        features = features.pooler_output if hasattr(features, "pooler_output") else features
+        features = [f[s] for f, s in zip(features, shown)]
+        extra = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
+    if not per_sample:
+        return model(**inputs, **extra).loss
+    labels = inputs.pop("labels")
+    return per_sample_loss(model(**inputs, **extra).logits, labels)
 
 
 def validate(run: _Run, trainer: Trainer, step: int, minutes: float):

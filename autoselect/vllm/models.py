@@ -18,7 +18,7 @@ With no pruning configured the classes behave as vLLM's. LLaVA checkpoints saved
 """
 
 import dataclasses
-from typing import Iterable, Optional, Tuple
+from typing import Iterable, Tuple
 
 import torch
 from vllm.model_executor.models.llava import (LlavaDummyInputsBuilder, LlavaForConditionalGeneration,
@@ -81,15 +81,33 @@ def _map_vision_tower_names(model, weights: Iterable[Tuple[str, torch.Tensor]]):
         yield name, tensor
 
 
-class _PrunedLlavaMixin:
+class _Configured:
+    """The engine's pruning configuration on the model (`autoselect_config`; None: no pruning) and its
+    `autoselect_pruner`, set by the family's `_init_pruner`."""
+
+    autoselect_config = None
+    autoselect_pruner = None
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)  # vLLM's model
+        self._init_pruner(vllm_config)
+
+    def _init_pruner(self, vllm_config):
+        raise NotImplementedError
+
+    def _read_config(self, vllm_config):
+        self.autoselect_config = from_hf_config(vllm_config.model_config.hf_config)
+        self.autoselect_pruner = None
+        return self.autoselect_config
+
+
+class _PrunedLlavaMixin(_Configured):
     """The pruning of LLaVA-like models: the tower's selected features -> projector -> K rows."""
 
     family = "llava"
 
     def _init_pruner(self, vllm_config):
-        config = from_hf_config(vllm_config.model_config.hf_config)
-        self.autoselect_config = config
-        self.autoselect_pruner = None
+        config = self._read_config(vllm_config)
         if config is None:
             return
         hf = vllm_config.model_config.hf_config
@@ -108,10 +126,6 @@ class _PrunedLlavaMixin:
                                         dummy_inputs=LlavaDummyInputsBuilder)
 class AutoSelectLlavaForConditionalGeneration(_PrunedLlavaMixin, LlavaForConditionalGeneration):
     """vLLM's LLaVA-1.5 with AutoSelect / baseline pruning (see the module docstring)."""
-
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_pruner(vllm_config)
 
     def _process_image_input(self, image_input):
         pruner = self.autoselect_pruner
@@ -132,9 +146,8 @@ class AutoSelectLlavaNextForConditionalGeneration(_PrunedLlavaMixin, LlavaNextFo
 
     family = "llava_next"
 
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_pruner(vllm_config)
+    def _init_pruner(self, vllm_config):
+        super()._init_pruner(vllm_config)
         pruner = self.autoselect_pruner
         if pruner is not None and pruner.placement == "projector_input":
             raise ValueError(f"{WHERE}: LLaVA-NeXT in vLLM supports projector_output selectors and the "
@@ -213,16 +226,14 @@ class PrunedQwen2_5_VLProcessor(_PrunedQwenProcessor, Qwen2_5_VLMultiModalProces
     pass
 
 
-class _PrunedQwenMixin:
+class _PrunedQwenMixin(_Configured):
     """Pruning for Qwen2-VL / Qwen2.5-VL (projector_output: the merger's output)."""
 
     supports_multimodal_pruning = True  # vLLM then calls recompute_mrope_positions (below)
     family = "qwen2_vl"
 
     def _init_pruner(self, vllm_config):
-        config = from_hf_config(vllm_config.model_config.hf_config)
-        self.autoselect_config = config
-        self.autoselect_pruner = None
+        config = self._read_config(vllm_config)
         if config is None:
             return
         mm = vllm_config.model_config.multimodal_config
@@ -297,10 +308,6 @@ class _PrunedQwenMixin:
 class AutoSelectQwen2VLForConditionalGeneration(_PrunedQwenMixin, Qwen2VLForConditionalGeneration):
     """vLLM's Qwen2-VL with pruning; the kept tokens keep their unpruned M-RoPE positions."""
 
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_pruner(vllm_config)
-
 
 @MULTIMODAL_REGISTRY.register_processor(PrunedQwen2_5_VLProcessor, info=PrunedQwen2_5_VLInfo,
                                         dummy_inputs=Qwen2_5_VLDummyInputsBuilder)
@@ -308,10 +315,6 @@ class AutoSelectQwen2_5_VLForConditionalGeneration(_PrunedQwenMixin, Qwen2_5_VLF
     """vLLM's Qwen2.5-VL with pruning; the kept tokens keep their unpruned M-RoPE positions."""
 
     family = "qwen2_5_vl"
-
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self._init_pruner(vllm_config)
 
 
 ARCHITECTURES = {

@@ -79,6 +79,9 @@ class Pruner:
                 if inputs is None:
                     raise RuntimeError(f"{WHERE}: a projector_input selector needs the projector's input")
                 source = list(inputs)
+            device = source[0].device if source else None
+            if device is not None and next(self.selector.parameters()).device != device:
+                self.selector.to(device)  # the model's device (a GPU worker), as autoselect.apply does
             _, index = self.selector.select(source, ks)
             return [i.to(torch.long) for i in index]
         index = []

@@ -39,6 +39,7 @@ CASES = [
     {"name": "qwen2_vl-autoselect-frac", "family": "qwen2_vl", "method": "autoselect", "keep": 0.3,
      "positions": "original"},
     {"name": "qwen2_vl-norm-5", "family": "qwen2_vl", "method": "norm", "keep": 5, "positions": "original"},
+    {"name": "llava_next-norm-frac", "family": "llava_next", "method": "norm", "keep": 0.25, "positions": "compact"},
     {"name": "qwen2_5_vl-autoselect-7", "family": "qwen2_5_vl", "method": "autoselect", "keep": 7,
      "positions": "original"},
 ]
@@ -68,6 +69,35 @@ def build_llava(path):
     model.save_pretrained(path)
     vlm.build_processor(tokenizer).save_pretrained(path)
     assert model.config.text_config.head_dim == 32
+
+
+def build_llava_next(path):
+    """LLaVA-NeXT with a 56-pixel CLIP tower (16 tokens per view) and anyres crops up to 112 x 112."""
+    from transformers import (CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration,
+                              LlavaNextImageProcessorPil, LlavaNextProcessor)
+
+    from autoselect.testbed import vlm
+
+    tokenizer = vlm.build_tokenizer()
+    pinpoints = [[56, 112], [112, 56], [112, 112]]
+    vision = CLIPVisionConfig(image_size=56, patch_size=14, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=2, projection_dim=64)
+    text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=1024,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_grid_pinpoints=pinpoints,
+                             image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                             vision_feature_select_strategy="default", vision_feature_layer=-1,
+                             pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    _sharpen(model)
+    model.save_pretrained(path)
+    image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56},
+                                                 image_grid_pinpoints=pinpoints)
+    LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=14,
+                       vision_feature_select_strategy="default", num_additional_image_tokens=1).save_pretrained(path)
 
 
 def _sharpen(model, scale=6.0):
@@ -174,10 +204,12 @@ def hf_generate(family, path, case, imgs, selector_dir, positions):
     from transformers import (AutoProcessor, LlavaForConditionalGeneration, Qwen2_5_VLForConditionalGeneration,
                               Qwen2VLForConditionalGeneration)
 
-    cls = {"llava": LlavaForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration,
+    from transformers import LlavaNextForConditionalGeneration
+
+    cls = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration, "qwen2_vl": Qwen2VLForConditionalGeneration,
            "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}[family]
     model = cls.from_pretrained(path).eval()
-    processor = AutoProcessor.from_pretrained(path) if family == "llava" else None
+    processor = AutoProcessor.from_pretrained(path) if family.startswith("llava") else None
     if case["method"] is not None:
         selector = selector_dir if case["method"] == "autoselect" else None
         autoselect.apply(model, selector, method=case["method"], keep=case["keep"], positions=positions)
@@ -203,6 +235,7 @@ def hf_generate(family, path, case, imgs, selector_dir, positions):
 def main(out):
     os.makedirs(out, exist_ok=True)
     build_llava(os.path.join(out, "llava"))
+    build_llava_next(os.path.join(out, "llava_next"))
     build_qwen2_vl(os.path.join(out, "qwen2_vl"))
     build_qwen2_vl(os.path.join(out, "qwen2_5_vl"), kind="qwen2_5_vl")
     build_selectors(out)
@@ -218,7 +251,7 @@ def main(out):
                      prompts=[prompt(family, QUESTIONS[i % len(QUESTIONS)]) for i in range(len(imgs))],
                      images=[os.path.join(out, f"image{i}.png") for i in range(len(imgs))])
         entry["hf"] = hf_generate(family, path, case, imgs, selector_dir, case["positions"])
-        if case["method"] is not None and family == "llava":
+        if case["method"] is not None and family.startswith("llava"):
             other = "original" if case["positions"] == "compact" else "compact"
             entry["hf_other_positions"] = hf_generate(family, path, case, imgs, selector_dir, other)
         reference["cases"].append(entry)

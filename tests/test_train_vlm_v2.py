@@ -1,0 +1,157 @@
+"""The testbed v2 tiny VLM (vlm version 2, train_vlm --version 2): tokenizer, image-first prompt, sizes,
+stage 1's digit head, caption mixing in stage 2, and resuming an interrupted run to the same weights."""
+
+import json
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the tiny VLM needs transformers (in the [test] extra)")
+
+from autoselect.testbed import data_v2, vlm  # noqa: E402
+from autoselect.testbed import train_vlm  # noqa: E402
+
+TINY = dict(vision_hidden=32, vision_layers=1, vision_heads=1, text_hidden=64, text_layers=1, text_heads=1)
+TINY_ARGS = ["--version", "2", "--sizes", json.dumps(TINY), "--threads", "1"]
+
+
+@pytest.fixture(scope="module")
+def v2_data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("v2data")
+    for split, count in (("train", 8), ("val", 3)):
+        data_v2.write_split(str(folder), split, count, seed=0, questions_per_image=3, progress=False)
+    return folder
+
+
+def events_of(out):
+    return [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_v2_tokenizer_covers_every_word_of_v2_records(v2_data):
+    tokenizer = vlm.build_tokenizer(version=2)
+    v1 = vlm.build_tokenizer()
+    assert all(tokenizer.convert_tokens_to_ids(w) == i for w, i in v1.get_vocab().items())  # v1's ids kept
+    texts = []
+    for name in ("train", "train_captions", "val", "val_captions"):
+        for record in json.loads((v2_data / f"{name}.json").read_text()):
+            texts += [turn["value"] for turn in record["conversations"]]
+    rng = __import__("numpy").random.default_rng(0)
+    for _, scene, _ in data_v2.generate("val", 20, seed=4):
+        texts += [f"{q.text} {q.answer}" for q in data_v2.make_questions(scene, rng, 7)] + [data_v2.caption(scene)]
+    assert any("digit" in t for t in texts) and any("left of" in t or "above" in t for t in texts)
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        assert tokenizer.unk_token_id not in ids, text
+
+
+def test_v2_prompt_puts_the_image_first_and_v1_keeps_it_after():
+    v2 = vlm.prompt("What digit is on the red square?", "7", version=2)
+    assert v2 == "USER: <image>\nWhat digit is on the red square? ASSISTANT: 7</s>"
+    assert vlm.prompt("What color is the circle?") == "USER: What color is the circle?\n<image> ASSISTANT:"
+    tokens = vlm.build_tokenizer(version=2).tokenize(v2)
+    assert tokens.index("<image>") < tokens.index("digit")
+    # train_vlm's stage 2 builds its first turns through the same function
+    assert vlm.image_question("q", 2).startswith("<image>") and vlm.image_question("q").endswith("<image>")
+
+
+def test_v2_model_sizes():
+    config = vlm.build_config(version=2)
+    text, vision = config.text_config, config.vision_config
+    assert text.hidden_size // text.num_attention_heads in (32, 64)
+    assert config.image_seq_length == vlm.NUM_PATCHES == 576
+    assert (vision.image_size, vision.patch_size) == (336, 14)
+    assert text.vocab_size == len(vlm.build_tokenizer(version=2))
+    assert vlm.build_config().text_config.hidden_size == vlm.DEFAULT_SIZES["text_hidden"]  # v1 unchanged
+    with pytest.raises(ValueError):
+        vlm.build_config(version=2, text_width=3)
+
+
+def test_stage1_v2_learns_the_digit_marks(v2_data, tmp_path):
+    """Stage 1 on v2 data: a "mark" head (0 = none, 1..10 = digit) beside v1's, its accuracy logged."""
+    scenes = [scene for _, scene in train_vlm.load_scenes(str(v2_data), "train", 2)]
+    targets = train_vlm.patch_targets(scenes, version=2)
+    assert set(targets) == {"color", "shape", "centre", "row", "col", "mark"}
+    assert torch.equal(targets["mark"], torch.stack([torch.as_tensor(data_v2.mark_patches(s)) for s in scenes]))
+    assert int(targets["mark"].max()) <= 10 and (targets["mark"] > 0).any()
+    out = tmp_path / "stage1"
+    assert train_vlm.main(["--data", str(v2_data), "--out", str(out), "--vision-steps", "2", "--vision-batch-size", "2",
+                           "--steps", "0", *TINY_ARGS]) == 0
+    evaluation = [e for e in events_of(out) if e["event"] == "vision_eval"]
+    assert len(evaluation) == 1 and {"mark", "mark_none", "color", "shape"} <= set(evaluation[0])
+    model = transformers.LlavaForConditionalGeneration.from_pretrained(out)
+    assert model.config.text_config.hidden_size == 64
+
+
+def test_stage2_mixes_in_captions_at_the_configured_fraction(v2_data, tmp_path):
+    args = train_vlm.resolve_defaults(train_vlm.build_parser().parse_args(
+        ["--data", str(v2_data), "--out", str(tmp_path / "run"), "--vision-steps", "0", "--batch-size", "8",
+         *TINY_ARGS]))
+    assert (args.caption_fraction, args.full_from, args.loss_average) == (0.2, 0.5, "samples")  # v2's defaults
+    run = train_vlm.setup(args)
+    captions = {text for _, text in run.captions.values()}
+    seen = total = 0
+    for step in range(1, 41):
+        images, conversations, paths = train_vlm.stage2_batch(run, step)
+        for path, turns in zip(paths, conversations):
+            assert turns[0][0].startswith("<image>\n")  # image first
+            if turns[0][1] in captions:
+                assert turns == [("<image>\nWhat is in the image?", run.captions[path][1])]
+                seen += 1
+            total += 1
+    assert 0.12 < seen / total < 0.28, seen / total
+    # the per-sample loss weighs every sample alike: a long caption counts as much as a one-word answer
+    logits = torch.zeros(2, 5, 3)
+    labels = torch.tensor([[-100, 1, 1, 1, 1], [-100, -100, -100, -100, 2]])
+    logits[0, :, 1] = 10.0
+    expected = (torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:]) +
+                torch.nn.functional.cross_entropy(logits[1, 3:4], labels[1, 4:])) / 2
+    assert torch.allclose(train_vlm.per_sample_loss(logits, labels), expected)
+
+
+def test_v1_defaults_stay_and_never_caption(tmp_path):
+    args = train_vlm.resolve_defaults(train_vlm.build_parser().parse_args(["--data", "d", "--out", "o"]))
+    assert (args.version, args.caption_fraction, args.full_from, args.loss_average) == (1, 0.0, 0.8, "tokens")
+    assert args.checkpoint_every == 250 and not args.resume
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(v2_data, tmp_path):
+    """Stage 1 stopped after its first step (--max-minutes 0) and resumed; stage 2 run to 6 steps at once,
+    and to 3 (--stop-at 3) then resumed to 6: every parameter, the optimizer's step and the running loss
+    agree, and the log of the resumed run is appended to."""
+    common = ["--data", str(v2_data), "--vision-batch-size", "2", "--batch-size", "3", "--warmup", "2",
+              "--eval-records", "3", "--caption-fraction", "0.4", "--extra-questions", "2", *TINY_ARGS]
+    stage1_once, stage1_split = tmp_path / "s1_once", tmp_path / "s1_split"
+    assert train_vlm.main([*common, "--out", str(stage1_once), "--vision-steps", "3", "--steps", "0"]) == 0
+    assert train_vlm.main([*common, "--out", str(stage1_split), "--vision-steps", "3", "--steps", "0",
+                           "--max-minutes", "0"]) == 0
+    assert not (stage1_split / "model.safetensors").exists()  # stopped in stage 1: nothing saved but resume/
+    assert json.loads((stage1_split / "resume" / "trainer_state.json").read_text())["step"] == 1
+    assert train_vlm.main([*common, "--out", str(stage1_split), "--vision-steps", "3", "--steps", "0", "--resume"]) == 0
+    a = transformers.LlavaForConditionalGeneration.from_pretrained(stage1_once).state_dict()
+    b = transformers.LlavaForConditionalGeneration.from_pretrained(stage1_split).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    # stage 2: the curriculum (all tokens from step 6 of 6), captions and the data order all cross the interruption
+    stage2 = [*common, "--tower-from", str(stage1_once), "--vision-steps", "0", "--steps", "6", "--eval-every", "6",
+              "--ramp-from", "0.2", "--full-from", "0.9", "--checkpoint-every", "2"]
+    once, split = tmp_path / "once", tmp_path / "split"
+    assert train_vlm.main([*stage2, "--out", str(once)]) == 0
+    assert train_vlm.main([*stage2, "--out", str(split), "--stop-at", "3"]) == 0
+    assert json.loads((split / "resume" / "trainer_state.json").read_text())["step"] == 3
+    assert train_vlm.main([*stage2, "--out", str(split), "--resume"]) == 0
+    from safetensors.torch import load_file
+
+    first = load_file(str(once / "resume" / "model.safetensors"))
+    second = load_file(str(split / "resume" / "model.safetensors"))
+    assert first.keys() == second.keys()
+    moved = load_file(str(split / "model.safetensors"))  # the best checkpoint, not the final weights
+    for name in first:
+        assert torch.allclose(first[name], second[name], atol=1e-6, rtol=0), name
+    states = [json.loads((folder / "resume" / "trainer_state.json").read_text()) for folder in (once, split)]
+    assert states[0]["step"] == states[1]["step"] == 6
+    assert abs(states[0]["running"] - states[1]["running"]) < 1e-6
+    events = events_of(split)
+    assert [e["event"] for e in events].count("start") == 2
+    assert any(e["event"] == "stop" and e["step"] == 3 for e in events)
+    assert any(e["event"] == "resume" and e["step"] == 3 for e in events)
+    assert events[-1]["event"] == "end" and moved
