@@ -168,17 +168,18 @@ def _draw_object(draw, obj: SceneObject, fill=None):
         raise ValueError(f"unknown shape {obj.shape!r}")
 
 
-def render(scene: Scene):
-    """The scene as a 336 x 336 RGB PIL image."""
+def render(scene: Scene, *, clutter=None, paint=None):
+    """The scene as a 336 x 336 RGB PIL image: a grey background, `clutter(draw, rng, base)` (v1's by
+    default), then each object by `paint(draw, obj)` (v1's `_draw_object` by default; v2 passes its own)."""
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(scene.background_seed)
     base = int(rng.integers(80, 176))
     image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (base, base, base))
     draw = ImageDraw.Draw(image)
-    _draw_clutter(draw, rng, base)
+    (clutter or _draw_clutter)(draw, rng, base)
     for obj in scene.objects:
-        _draw_object(draw, obj)
+        (paint or _draw_object)(draw, obj)
     return image
 
 
@@ -240,25 +241,30 @@ def exist_question(objects: Sequence[SceneObject], rng: np.random.Generator, sha
     return Question("exist", f"Is there a {color} {shape} in the image?", "no")
 
 
+def attribute_count_question(objects: Sequence[SceneObject], by_color: bool, rng: np.random.Generator,
+                             shapes: Sequence[str], repeated_below: float, any_above: float) -> Question:
+    """"How many {color} objects are there?" (by_color) or "How many {shape}s are there?": the value is
+    one that repeats in the scene (a draw below `repeated_below`, when one does), any colour / shape of
+    `shapes` (above `any_above`: the answer is often 0), else one present in the scene."""
+    colors, present = [o.color for o in objects], [o.shape for o in objects]
+    values, every = (colors, list(COLORS)) if by_color else (present, list(shapes))
+    repeated = sorted({v for v in values if values.count(v) > 1})
+    draw = rng.random()
+    options = repeated if repeated and draw < repeated_below else (every if draw > any_above else sorted(set(values)))
+    value = options[rng.integers(len(options))]
+    if by_color:
+        return Question("count", f"How many {value} objects are there?", str(colors.count(value)))
+    return Question("count", f"How many {plural(value)} are there?", str(present.count(value)))
+
+
 def _question_of_type(kind: str, scene: Scene, rng: np.random.Generator) -> Optional[Question]:
     objects = scene.objects
-    shapes = [o.shape for o in objects]
-    colors = [o.color for o in objects]
     if kind in ("color", "shape"):
         return attribute_question(kind, objects, rng)
     if kind == "exist":
         return exist_question(objects, rng)
     if kind == "count":
-        # Mostly attributes that are present, repeated ones preferred; sometimes any (answer often 0).
-        by_color = rng.random() < 0.5
-        values, names = (colors, list(COLORS)) if by_color else (shapes, list(SHAPES))
-        repeated = sorted({v for v in values if values.count(v) > 1})
-        draw = rng.random()
-        options = repeated if repeated and draw < 0.5 else (names if draw > 0.85 else sorted(set(values)))
-        value = options[rng.integers(len(options))]
-        if by_color:
-            return Question(kind, f"How many {value} objects are there?", str(colors.count(value)))
-        return Question(kind, f"How many {plural(value)} are there?", str(shapes.count(value)))
+        return attribute_count_question(objects, rng.random() < 0.5, rng, SHAPES, repeated_below=0.5, any_above=0.85)
     if kind == "location":
         candidates = [(o, axis) for o in objects for axis in ("x", "y") if _side(o, axis) is not None]
         if not candidates:

@@ -255,19 +255,15 @@ def _draw_clutter(draw, rng: np.random.Generator, base: int):
 def render(scene: Scene):
     """The scene as a 336 x 336 RGB PIL image: background, clutter, then the objects in order, each with
     its mark."""
-    from PIL import Image, ImageDraw
+    return v1.render(scene, clutter=_draw_clutter, paint=_paint)
 
-    rng = np.random.default_rng(scene.background_seed)
-    base = int(rng.integers(80, 176))
-    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (base, base, base))
-    draw = ImageDraw.Draw(image)
-    _draw_clutter(draw, rng, base)
-    for obj in scene.objects:
-        _draw_object(draw, obj)
-        if obj.mark is not None:
-            left, top, _, _ = mark_box(obj)
-            _draw_glyph(draw, obj.mark, left, top, mark_ink(obj))
-    return image
+
+def _paint(draw, obj: SceneObject):
+    """One object, then its mark."""
+    _draw_object(draw, obj)
+    if obj.mark is not None:
+        left, top, _, _ = mark_box(obj)
+        _draw_glyph(draw, obj.mark, left, top, mark_ink(obj))
 
 
 def patch_labels(scene: Scene) -> np.ndarray:
@@ -337,7 +333,6 @@ def _unique(objects: Sequence[SceneObject]) -> List[SceneObject]:
 
 def _question_of_type(kind: str, scene: Scene, rng: np.random.Generator) -> Optional[Question]:
     objects = scene.objects
-    shapes, colors = [o.shape for o in objects], [o.color for o in objects]
     named = _unique(objects)
     if kind in ("color", "shape"):
         return v1.attribute_question(kind, objects, rng)
@@ -347,15 +342,7 @@ def _question_of_type(kind: str, scene: Scene, rng: np.random.Generator) -> Opti
         draw = rng.random()
         if draw < 0.2:
             return Question(kind, "How many objects are there?", str(len(objects)))
-        by_color = draw < 0.6
-        values, every = (colors, list(COLORS)) if by_color else (shapes, list(SHAPES))
-        repeated = sorted({v for v in values if values.count(v) > 1})
-        pick = rng.random()
-        options = repeated if repeated and pick < 0.6 else (every if pick > 0.88 else sorted(set(values)))
-        value = options[rng.integers(len(options))]
-        if by_color:
-            return Question(kind, f"How many {value} objects are there?", str(colors.count(value)))
-        return Question(kind, f"How many {plural(value)} are there?", str(shapes.count(value)))
+        return v1.attribute_count_question(objects, draw < 0.6, rng, SHAPES, repeated_below=0.6, any_above=0.88)
     if kind == "location":
         candidates = [(o, axis) for o in named for axis in ("x", "y") if v1._side(o, axis) is not None]
         if not candidates:

@@ -31,6 +31,7 @@ from vllm.model_executor.models.qwen2_vl import (Qwen2VLDummyInputsBuilder, Qwen
                                                  Qwen2VLMultiModalProcessor, Qwen2VLProcessingInfo)
 from vllm.multimodal import MULTIMODAL_REGISTRY
 from vllm.multimodal.processing import PromptReplacement
+from vllm.utils.gpu_sync_debug import gpu_sync_allowed
 
 from .config import WHERE, from_hf_config
 from .select import POSITION_CHANNELS, Pruner, grid_offsets, mrope_layout, place_kept_tokens
@@ -290,9 +291,10 @@ class _PrunedQwenMixin(_Configured):
                 offsets.append(emb[:, width:].round().to(torch.long))
             else:
                 out.append(emb)
-        positions = place_kept_tokens(ids, int(self.config.image_token_id), offsets, mrope_positions,
-                                      num_computed_tokens)
-        delta = int(positions.max().item() + 1 - ids.numel()) if positions.numel() else 0
+        with gpu_sync_allowed():  # as vLLM's own pruning hook: finding the placeholders reads them back
+            positions = place_kept_tokens(ids, int(self.config.image_token_id), offsets, mrope_positions,
+                                          num_computed_tokens)
+            delta = int(positions.max().item() + 1 - ids.numel()) if positions.numel() else 0
         return out, positions, delta
 
     def get_encoder_cudagraph_config(self):
