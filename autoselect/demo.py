@@ -1,16 +1,23 @@
 """`autoselect demo`: the shipped tiny VLM and the shipped selector, measured end to end.
 
-    autoselect demo [--vlm weights/tiny-vlm] [--selector weights/tiny-vlm-selector] [--out demo/]
+    autoselect demo [--version 2] [--vlm DIR] [--selector DIR] [--out demo] [--test N]
 
-1. Writes the testbed's test split (seeded, the same images `python -m autoselect.testbed` writes)
-   unless it is there already.
+1. Writes the testbed's test split (seeded, the same images `python -m autoselect.testbed --version V`
+   writes) under --data unless it is there already.
 2. Evaluates the full model, AutoSelect and the training-free baselines at keep 192/128/64/32/16 of 576
-   (`autoselect eval`), prints the table, writes eval.json / eval.csv.
+   (`autoselect eval`'s harness), prints the table with each method's paired 95% interval against
+   AutoSelect and the full model, writes eval.json / eval.csv.
 3. Measures the prefill time of the tiny VLM at full and at keep 64 (else the smallest --keep;
    AutoSelect, scoring included), end to end (vision tower + selection + language model) and for the language model
    alone (pre-encoded image features, as `generate` passes them).
 4. Draws a few test images with the kept tokens outlined at that keep (kept.png).
-Everything runs offline on the CPU in a few minutes.
+
+--version 1 (the default for now) is the first testbed with the repository's weights/tiny-vlm and
+weights/tiny-vlm-selector (a source checkout only); --version 2 is testbed v2, whose tiny VLM and selector
+are to ship inside the package (`autoselect/weights/`, so that the demo works from any install) once the
+VLM reaches its target (issue 14); until then it says so and where they come from. Every output goes
+under the current directory (--out demo, --data demo/testbed-vV). Everything runs offline on the CPU in a
+few minutes.
 """
 
 import argparse
@@ -23,8 +30,18 @@ from typing import Optional
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_VLM = ROOT / "weights" / "tiny-vlm"
-DEFAULT_SELECTOR = ROOT / "weights" / "tiny-vlm-selector"
+PACKAGE_WEIGHTS = Path(__file__).resolve().parent / "weights"  # package data: installed with autoselect
+# version -> (VLM, selector, test images, questions per image, how the weights are made)
+SHIPPED = {
+    1: (ROOT / "weights" / "tiny-vlm", ROOT / "weights" / "tiny-vlm-selector", 500, 1,
+        "weights/tiny-vlm/README.md and weights/tiny-vlm-selector/README.md in a source checkout of autoselect"),
+    2: (PACKAGE_WEIGHTS / "tiny-vlm-v2", PACKAGE_WEIGHTS / "tiny-vlm-v2-selector", 100, 3,
+        "weights/tiny-vlm-v2-wip/README.md of a source checkout of autoselect (not shipped yet: the v2 tiny VLM is "
+        "still short of its target, issue 14)"),
+}
+# testbed v1 until the v2 tiny VLM reaches its target (issue 14); `--version 2` then finds its weights in
+# the package, or says where they come from
+DEFAULT_VERSION = 1
 
 
 def _median_time(fn, repeats: int = 5) -> float:
@@ -75,13 +92,18 @@ def prefill_times(model, processor, selector, records, image_root: str, keep: in
 def build_parser(parser: Optional[argparse.ArgumentParser] = None):
     parser = parser or argparse.ArgumentParser(prog="autoselect demo", description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vlm", default=str(DEFAULT_VLM), help="the frozen tiny VLM (weights/tiny-vlm)")
-    parser.add_argument("--selector", default=str(DEFAULT_SELECTOR), help="the trained AutoSelector")
-    parser.add_argument("--data", default=str(ROOT / "data" / "testbed-demo"), help="where the test split is written")
-    parser.add_argument("--test", type=int, default=500, help="test images (one question each)")
+    parser.add_argument("--version", type=int, choices=sorted(SHIPPED), default=DEFAULT_VERSION,
+                        help="testbed version and its shipped weights: 1 (default; weights/ of a source checkout) or 2 "
+                             "(package data, once issue 14 ships them)")
+    parser.add_argument("--vlm", default=None, help="the frozen tiny VLM (default: the version's shipped one)")
+    parser.add_argument("--selector", default=None, help="the trained AutoSelector (default: the version's shipped one)")
+    parser.add_argument("--data", default=None, help="where the test split is written (default: demo/testbed-vV)")
+    parser.add_argument("--test", type=int, default=None,
+                        help="test images (default: 500 with one question each for v1, 100 with three for v2)")
     parser.add_argument("--keep", default="192,128,64,32,16")
     parser.add_argument("--methods", default="full,autoselect,random,norm,fastv,visionzip,divprune")
-    parser.add_argument("--out", default=str(ROOT / "demo"), help="folder for eval.json, eval.csv, prefill.json, kept.png")
+    parser.add_argument("--out", default="demo", help="folder for eval.json, eval.csv, prefill.json, kept.png "
+                                                      "(relative to the current directory)")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
     return parser
 
@@ -90,19 +112,26 @@ def run(args) -> dict:
     from .evaluation import evaluate, format_table, write_results
     from .modules.selector import AutoSelector
     from .show import show
-    from .testbed import data as testbed
+    from .testbed import vlm as testbed_vlm
     from .training.data import load_records
     from .hf import load_vlm
 
-    for path, command in ((args.vlm, "python -m autoselect.testbed.train_vlm ... (see weights/tiny-vlm/README.md)"),
-                          (args.selector, "autoselect train ... (see weights/tiny-vlm-selector/README.md)")):
+    shipped_vlm, shipped_selector, test_images, questions_per_image, made_by = SHIPPED[args.version]
+    args.vlm = str(args.vlm or shipped_vlm)
+    args.selector = str(args.selector or shipped_selector)
+    args.data = args.data or os.path.join("demo", f"testbed-v{args.version}")
+    args.test = test_images if args.test is None else args.test
+    for path, what in ((args.vlm, "VLM"), (args.selector, "selector")):
         if not (Path(path) / "config.json").is_file():
-            raise FileNotFoundError(f"autoselect demo: {path} holds no model; it is made by {command}")
+            raise FileNotFoundError(f"autoselect demo: {path} holds no model (the {what}); the shipped weights and the "
+                                    f"commands that make them are described in {made_by}, or pass --vlm / --selector")
     torch.manual_seed(0)
     test_json = Path(args.data) / "test.json"
     if not test_json.is_file():
-        print(f"writing the testbed test split ({args.test} images) to {args.data} ...", flush=True)
-        testbed.write_split(args.data, "test", args.test, seed=0, questions_per_image=1, progress=args.progress)
+        print(f"writing the testbed v{args.version} test split ({args.test} images) to {args.data} ...", flush=True)
+        testbed_vlm.data_module(args.version).write_split(args.data, "test", args.test, seed=0,
+                                                          questions_per_image=questions_per_image,
+                                                          progress=args.progress)
     records = load_records(str(test_json))
     model, processor = load_vlm(args.vlm)
     selector = AutoSelector.from_pretrained(args.selector)
@@ -113,7 +142,8 @@ def run(args) -> dict:
                     progress=args.progress)
     print("\n".join(format_table(rows)))
     os.makedirs(args.out, exist_ok=True)
-    write_results(rows, args.out, {"vlm": str(args.vlm), "selector": str(args.selector), "test_images": len(records),
+    write_results(rows, args.out, {"vlm": str(args.vlm), "selector": str(args.selector), "version": args.version,
+                                   "questions": len(records), "test_images": len({r["image"] for r in records}),
                                    "seconds": round(time.time() - started, 1)})
     shown_keep = 64 if 64 in keeps else min(keeps)  # LLaVA-1.5's headline budget, for the timing and the picture
     times = prefill_times(model, processor, selector, records, args.data, keep=shown_keep)

@@ -33,3 +33,26 @@ def test_demo_runs_and_writes_its_outputs(tmp_path, capsys, placement):
 def test_demo_without_weights_says_how_to_make_them(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no model"):
         cli.main(["demo", "--vlm", str(tmp_path / "none"), "--selector", str(tmp_path / "none")])
+
+
+def test_demo_writes_its_outputs_under_the_current_directory(tmp_path, monkeypatch, capsys):
+    """Without --out / --data everything lands under ./demo (not beside the installed package), and
+    --version 2 writes testbed v2's test split (image-first records, three questions per image)."""
+    save_tiny_testbed_vlm(tmp_path / "vlm")
+    AutoSelector(32, scorer_hidden=8, denoiser=None).save_pretrained(tmp_path / "selector")
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    assert cli.main(["demo", "--version", "2", "--vlm", str(tmp_path / "vlm"), "--selector", str(tmp_path / "selector"),
+                     "--test", "2", "--keep", "64", "--methods", "full,autoselect", "--no-progress"]) == 0
+    records = json.loads((work / "demo" / "testbed-v2" / "test.json").read_text())
+    assert len(records) == 6 and all(r["conversations"][0]["value"].startswith("<image>") for r in records)
+    results = json.loads((work / "demo" / "eval.json").read_text())
+    assert results["meta"]["version"] == 2 and results["meta"]["questions"] == 6
+    assert (work / "demo" / "kept.png").is_file() and (work / "demo" / "prefill.json").is_file()
+
+
+def test_demo_names_where_the_shipped_weights_come_from(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="README.md"):
+        cli.main(["demo", "--version", "2", "--vlm", str(tmp_path / "none")])

@@ -155,3 +155,44 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(v2_data, tmp_path
     assert any(e["event"] == "stop" and e["step"] == 3 for e in events)
     assert any(e["event"] == "resume" and e["step"] == 3 for e in events)
     assert events[-1]["event"] == "end" and moved
+
+
+def test_feature_cache_gives_stage2_the_towers_features(v2_data, tmp_path):
+    """--feature-cache: the cached rows are the frozen tower's features (fp16), stage 2's loss with the
+    cache equals the loss that runs the tower (curriculum view and every token), a changed tower gets a new
+    cache file, and a trained tower cannot use one."""
+    args = ["--data", str(v2_data), "--out", str(tmp_path / "run"), "--vision-steps", "0", "--steps", "4",
+            "--batch-size", "2", "--turns", "2", "--caption-fraction", "0.5", *TINY_ARGS]
+    parser = train_vlm.build_parser()
+    plain = train_vlm.setup(train_vlm.resolve_defaults(parser.parse_args(args)))
+    cached = train_vlm.setup(train_vlm.resolve_defaults(parser.parse_args(args + ["--feature-cache",
+                                                                                  str(tmp_path / "cache")])))
+    paths = [path for path, _ in cached.train_groups]
+    cached.cache = train_vlm.build_feature_cache(cached.model, cached.processor, str(v2_data), paths,
+                                                 str(tmp_path / "cache"), batch_size=3, progress=False)
+    cached.cache_rows = {path: row for row, path in enumerate(paths)}
+    from PIL import Image
+
+    images = [Image.open(v2_data / path).convert("RGB") for path in paths[:3]]
+    with torch.no_grad():
+        features = train_vlm.tower_features(plain.model, plain.processor.image_processor(images, return_tensors="pt")
+                                            ["pixel_values"])
+    assert torch.allclose(torch.from_numpy(cached.cache[:3].astype("float32")), features, atol=2e-3, rtol=2e-3)
+    import random
+
+    for step, fraction in ((1, 0.3), (2, 1.0)):  # the same draws (order, turns) for both runs
+        state = random.getstate()
+        with torch.no_grad():
+            expected = train_vlm.stage2_loss(plain, step, fraction)
+            random.setstate(state)
+            got = train_vlm.stage2_loss(cached, step, fraction)
+        assert abs(float(expected) - float(got)) < 1e-4, (step, fraction, float(expected), float(got))
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 1
+    with torch.no_grad():
+        cached.model.model.vision_tower.encoder.layers[-1].mlp.fc2.bias.add_(0.5)
+    again = train_vlm.build_feature_cache(cached.model, cached.processor, str(v2_data), paths, str(tmp_path / "cache"),
+                                          progress=False)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2 and not torch.allclose(
+        torch.from_numpy(again[:1].astype("float32")), torch.from_numpy(cached.cache[:1].astype("float32")))
+    with pytest.raises(SystemExit):
+        train_vlm.main(args + ["--feature-cache", str(tmp_path / "cache"), "--tower-lr", "1e-4"])

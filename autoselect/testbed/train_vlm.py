@@ -58,6 +58,12 @@ serves every session) and ends with the same weights as an uninterrupted run wit
 log is appended to. --max-minutes counts this session's minutes (from the start of the command, stage 1
 included; stage 1 now stops at it too), the log's "minutes" the whole run's. --tower-from still skips stage 1.
 
+--feature-cache DIR (stage 2 with the tower frozen): the tower's feature layer of every training image is
+computed once (fp16, a numpy memmap named by a hash of the tower's weights, `build_feature_cache`) and each
+step reads its rows instead of loading images and running the tower; the loss equals the tower-running
+one to fp16 rounding (tested). On two cores it made a curriculum step (object patches and 5% of the
+background) about twice as fast; a 20,000-image cache of v2 takes 2.2 GB and 8 minutes to build.
+
 Both stages run through `training.loop.Trainer` (AdamW, `warmup_cosine`, clip 1.0, the running loss, best
 tracking), the loop `autoselect train` uses too, and stage 2 encodes through `training.data.
 ConversationCollator` (with a per-row image-token count for the curriculum), the collator of the trainer
@@ -378,6 +384,49 @@ def curriculum_tokens(scene, fraction, generator, version: int = 1):
     return keep.nonzero().flatten()
 
 
+def tower_fingerprint(model) -> str:
+    """A short hash of the vision tower's weights: names a feature cache, so a changed tower never reads a
+    stale one."""
+    import hashlib
+
+    digest = hashlib.sha1()
+    for name, value in sorted(model.model.vision_tower.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+@torch.no_grad()
+def build_feature_cache(model, processor, data_dir, paths, folder, batch_size=32, progress=True):
+    """The frozen tower's feature layer (`tower_features`, fp16) of every image in `paths`, in order, as a
+    (len(paths), 576, vision hidden) numpy memmap under `folder` named by `tower_fingerprint` (built once,
+    reused by later runs and resumes; a .tmp file renamed into place when complete). Stage 2 with
+    --feature-cache reads it instead of loading images and running the tower each step: with the tower
+    frozen the features are the same every epoch, and they were most of a short-sequence step's time."""
+    import numpy as np
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    hidden = model.config.vision_config.hidden_size
+    path = os.path.join(folder, f"train-{tower_fingerprint(model)}-{len(paths)}.npy")
+    if not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        temporary = path + ".tmp"
+        cache = np.lib.format.open_memmap(temporary, mode="w+", dtype=np.float16, shape=(len(paths), vlm.NUM_PATCHES, hidden))
+        was_training = model.training
+        model.eval()
+        for start in tqdm(range(0, len(paths), batch_size), desc="feature cache", disable=not progress, mininterval=10):
+            chunk = paths[start:start + batch_size]
+            images = [Image.open(os.path.join(data_dir, p)).convert("RGB") for p in chunk]
+            pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+            cache[start:start + len(chunk)] = tower_features(model, pixel_values).half().numpy()
+        cache.flush()
+        del cache
+        model.train(was_training)
+        os.replace(temporary, path)
+    return np.load(path, mmap_mode="r")
+
+
 def build_parser():
     """The command line of `python -m autoselect.testbed.train_vlm`."""
     parser = argparse.ArgumentParser(prog="python -m autoselect.testbed.train_vlm", description=__doc__,
@@ -413,6 +462,9 @@ def build_parser():
     parser.add_argument("--full-from", type=float, default=None,
                         help="stage 2 curriculum: every token from this fraction of --steps on (default: 0.8 for "
                              "--version 1, 0.5 for 2)")
+    parser.add_argument("--feature-cache", default=None,
+                        help="folder for the frozen tower's features of the training images (fp16, built once; "
+                             "stage 2 reads them instead of running the tower; needs --tower-lr 0)")
     parser.add_argument("--turns", type=int, default=1,
                         help="stage 2: questions per image in one sample (later turns follow the image)")
     parser.add_argument("--init-from", help="a saved tiny VLM to continue from (every weight; with "
@@ -450,6 +502,8 @@ def main(argv=None):
     """Stage 1 (unless --vision-steps 0), then stage 2 with validation every --eval-every steps; returns 0."""
     parser = build_parser()
     args = resolve_defaults(parser.parse_args(argv))
+    if args.feature_cache and args.tower_lr > 0:
+        parser.error("--feature-cache holds a frozen tower's features: it cannot be used with --tower-lr > 0")
     if args.init_from and args.tower_from:
         parser.error("--init-from loads every weight, the tower included: give it or --tower-from, not both")
     if args.sizes is not None and not isinstance(args.sizes, dict):
@@ -472,6 +526,10 @@ def main(argv=None):
     if args.steps == 0:  # stage 1 only: keep its tower for a later --tower-from
         run.model.save_pretrained(args.out)
         run.processor.save_pretrained(args.out)
+    if args.feature_cache:
+        paths = [path for path, _ in run.train_groups]
+        run.cache = build_feature_cache(run.model, run.processor, args.data, paths, args.feature_cache)
+        run.cache_rows = {path: row for row, path in enumerate(paths)}
     trainer = stage2_trainer(run)
     generators = {"curriculum": run.token_generator}
     if run.resume:
@@ -569,7 +627,7 @@ def setup(args) -> _Run:
                 train_groups=train_groups, val_records=val_records,
                 train_scenes=dict(load_scenes(args.data, "train", args.version)), captions=captions,
                 token_generator=torch.Generator().manual_seed(args.seed), write=write, start=time.time(),
-                minutes_before=0.0, order=[], cursor=0, resume=resume)
+                minutes_before=0.0, order=[], cursor=0, resume=resume, cache=None, cache_rows={})
 
 
 def stage2_trainer(run: _Run) -> Trainer:
@@ -613,7 +671,8 @@ def stage2_batch(run: _Run, step: int):
         run.order, run.cursor = random.sample(range(len(run.train_groups)), len(run.train_groups)), 0
     picked = [run.train_groups[i] for i in run.order[run.cursor:run.cursor + args.batch_size]]
     run.cursor += args.batch_size
-    images = [Image.open(os.path.join(args.data, path)).convert("RGB") for path, _ in picked]
+    images = ([] if run.cache is not None else  # --feature-cache: stage2_loss reads the tower's features
+              [Image.open(os.path.join(args.data, path)).convert("RGB") for path, _ in picked])
     conversations = []
     for row, (path, turns) in enumerate(picked):
         if is_caption(run, step, row):
@@ -648,7 +707,16 @@ def stage2_loss(run: _Run, step: int, fraction: float):
 
     images, conversations, paths = stage2_batch(run, step)
     model, per_sample = run.model, run.args.loss_average == "samples"
-    if fraction >= 1.0:
+    if run.cache is not None:  # --feature-cache: the frozen tower's features, projected here
+        shown = [curriculum_tokens(run.train_scenes[path], fraction, run.token_generator, run.args.version)
+                 for path in paths]
+        inputs = run.collator.pad([run.collator.encode_turns(turns, len(s)) for turns, s in zip(conversations, shown)])
+        rows = [run.cache_rows[path] for path in paths]
+        cached = torch.from_numpy(run.cache[rows].astype("float32"))
+        features = model.model.multi_modal_projector(cached)
+        features = [f[s] for f, s in zip(features, shown)]
+        extra = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
+    elif fraction >= 1.0:
         inputs = run.collator.batch(images, conversations)
         extra = {}
     else:
