@@ -151,3 +151,14 @@ def test_stage1_only_then_stage2_from_its_tower(tmp_path):
     before = transformers.LlavaForConditionalGeneration.from_pretrained(stage2).state_dict()
     after = transformers.LlavaForConditionalGeneration.from_pretrained(stage3).state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # lr 0: nothing moved, everything loaded
+    # both: every weight from --init-from, then the tower from --tower-from (another stage 1's)
+    other, stage4 = tmp_path / "stage1-other", tmp_path / "stage4"
+    assert train_main(["--data", str(data_dir), "--out", str(other), "--vision-steps", "2", "--vision-batch-size", "2",
+                       "--steps", "0", "--seed", "2"]) == 0
+    assert train_main(["--data", str(data_dir), "--out", str(stage4), "--init-from", str(stage2), "--tower-from",
+                       str(other), "--vision-steps", "0", "--steps", "1", "--batch-size", "2", "--eval-every", "1",
+                       "--warmup", "1", "--lr", "0"]) == 0
+    tower = transformers.LlavaForConditionalGeneration.from_pretrained(other).state_dict()
+    merged = transformers.LlavaForConditionalGeneration.from_pretrained(stage4).state_dict()
+    assert not all(torch.equal(tower[k], before[k]) for k in before if "vision_tower" in k)
+    assert all(torch.equal(merged[k], (tower if "vision_tower" in k else before)[k]) for k in before)

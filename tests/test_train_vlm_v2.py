@@ -66,6 +66,19 @@ def test_v2_model_sizes():
         vlm.build_config(version=2, text_width=3)
 
 
+def test_rope_theta_is_a_size():
+    """--sizes '{"rope_theta": ...}' reaches the language model's rotary frequencies (only the slowest
+    pairs stay position-free over 576 image tokens, so the base is a model choice); both versions default
+    to Llama's 10000, the base the shipped v1 weights were trained with."""
+    for version in vlm.VERSIONS:
+        assert vlm.build_config(version=version).text_config.rope_parameters["rope_theta"] == 10000.0
+    slow = vlm.build_model(version=2, rope_theta=1e6).model.language_model.rotary_emb.inv_freq
+    default = vlm.build_model(version=2).model.language_model.rotary_emb.inv_freq
+    half = default.numel()
+    assert torch.allclose(slow, 1e6 ** (-torch.arange(half, dtype=torch.float32) / half))
+    assert torch.allclose(default, 1e4 ** (-torch.arange(half, dtype=torch.float32) / half))
+
+
 def test_stage1_v2_learns_the_digit_marks(v2_data, tmp_path):
     """Stage 1 on v2 data: a "mark" head (0 = none, 1..10 = digit) beside v1's, its accuracy logged."""
     scenes = [scene for _, scene in train_vlm.load_scenes(str(v2_data), "train", 2)]

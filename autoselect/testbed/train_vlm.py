@@ -437,7 +437,7 @@ def build_parser():
                         help="testbed version of --data: 1 (data, the shipped weights') or 2 (data_v2)")
     parser.add_argument("--sizes", type=json.loads, default=None,
                         help="JSON object overriding the version's model sizes (vlm.DEFAULT_SIZES / V2_SIZES), "
-                             "e.g. '{\"text_layers\": 2}'")
+                             "e.g. '{\"text_layers\": 2}' or '{\"rope_theta\": 1e6}'")
     parser.add_argument("--vision-steps", type=int, default=1500, help="stage 1 steps (per-patch labels)")
     parser.add_argument("--vision-batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=2000, help="stage 2 steps (answers; 0: save after stage 1)")
@@ -470,7 +470,9 @@ def build_parser():
     parser.add_argument("--init-from", help="a saved tiny VLM to continue from (every weight; with "
                         "--vision-steps 0): a second stage 2 with a fresh learning-rate schedule")
     parser.add_argument("--tower-from", help="a saved tiny VLM whose vision tower replaces stage 1 (with "
-                        "--vision-steps 0), e.g. the checkpoint of an earlier run of this command")
+                        "--vision-steps 0), e.g. the checkpoint of an earlier run of this command; with "
+                        "--init-from, its tower replaces that model's (a retrained tower under a trained "
+                        "projector and language model)")
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-records", type=int, default=600, help="validation questions per evaluation")
@@ -504,8 +506,6 @@ def main(argv=None):
     args = resolve_defaults(parser.parse_args(argv))
     if args.feature_cache and args.tower_lr > 0:
         parser.error("--feature-cache holds a frozen tower's features: it cannot be used with --tower-lr > 0")
-    if args.init_from and args.tower_from:
-        parser.error("--init-from loads every weight, the tower included: give it or --tower-from, not both")
     if args.sizes is not None and not isinstance(args.sizes, dict):
         parser.error("--sizes must be a JSON object")
     if args.caption_fraction > 0 and args.steps and not os.path.exists(os.path.join(args.data, "train_captions.json")):
@@ -613,16 +613,16 @@ def setup(args) -> _Run:
     elif args.resume:
         write({"event": "resume", "path": None, "note": f"no checkpoint in {os.path.join(args.out, RESUME)}: "
                "starting afresh"})
-    if args.tower_from or args.init_from:
-        from transformers import LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-        source = LlavaForConditionalGeneration.from_pretrained(args.init_from or args.tower_from, local_files_only=True)
-        if args.init_from:
-            model.load_state_dict(source.state_dict())
-        else:
-            model.model.vision_tower.load_state_dict(source.model.vision_tower.state_dict())
-        write({"event": "init_from" if args.init_from else "tower_from", "path": args.init_from or args.tower_from})
-        del source
+    for event, path in (("init_from", args.init_from), ("tower_from", args.tower_from)):  # the tower's last
+        if path:
+            source = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True)
+            if event == "init_from":
+                model.load_state_dict(source.state_dict())
+            else:
+                model.model.vision_tower.load_state_dict(source.model.vision_tower.state_dict())
+            write({"event": event, "path": path})
     return _Run(args=args, model=model, processor=processor, collator=ConversationCollator(processor, args.data),
                 train_groups=train_groups, val_records=val_records,
                 train_scenes=dict(load_scenes(args.data, "train", args.version)), captions=captions,
@@ -707,24 +707,20 @@ def stage2_loss(run: _Run, step: int, fraction: float):
 
     images, conversations, paths = stage2_batch(run, step)
     model, per_sample = run.model, run.args.loss_average == "samples"
-    if run.cache is not None:  # --feature-cache: the frozen tower's features, projected here
+    if run.cache is None and fraction >= 1.0:
+        inputs, extra = run.collator.batch(images, conversations), {}
+    else:  # the curriculum's tokens, or every token with --feature-cache: features computed here
         shown = [curriculum_tokens(run.train_scenes[path], fraction, run.token_generator, run.args.version)
                  for path in paths]
-        inputs = run.collator.pad([run.collator.encode_turns(turns, len(s)) for turns, s in zip(conversations, shown)])
-        rows = [run.cache_rows[path] for path in paths]
-        cached = torch.from_numpy(run.cache[rows].astype("float32"))
-        features = model.model.multi_modal_projector(cached)
-        features = [f[s] for f, s in zip(features, shown)]
-        extra = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
-    elif fraction >= 1.0:
-        inputs = run.collator.batch(images, conversations)
-        extra = {}
-    else:
-        shown = [curriculum_tokens(run.train_scenes[path], fraction, run.token_generator, run.args.version)
-                 for path in paths]
-        inputs = run.collator.batch(images, conversations, [len(s) for s in shown])
-        features = model.model.get_image_features(pixel_values=inputs.pop("pixel_values"), return_dict=True)
-        features = features.pooler_output if hasattr(features, "pooler_output") else features
+        if run.cache is not None:  # the frozen tower's cached features, projected here
+            inputs = run.collator.pad([run.collator.encode_turns(turns, len(s))
+                                       for turns, s in zip(conversations, shown)])
+            cached = torch.from_numpy(run.cache[[run.cache_rows[path] for path in paths]].astype("float32"))
+            features = model.model.multi_modal_projector(cached)
+        else:
+            inputs = run.collator.batch(images, conversations, [len(s) for s in shown])
+            features = model.model.get_image_features(pixel_values=inputs.pop("pixel_values"), return_dict=True)
+            features = features.pooler_output if hasattr(features, "pooler_output") else features
         features = [f[s] for f, s in zip(features, shown)]
         extra = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
     if not per_sample:
