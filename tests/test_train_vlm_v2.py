@@ -2,9 +2,11 @@
 stage 1's digit head, caption mixing in stage 2, and resuming an interrupted run to the same weights."""
 
 import json
+import random
 
 import pytest
 import torch
+from PIL import Image
 
 transformers = pytest.importorskip("transformers", reason="the tiny VLM needs transformers (in the [test] extra)")
 
@@ -184,15 +186,11 @@ def test_feature_cache_gives_stage2_the_towers_features(v2_data, tmp_path):
     cached.cache = train_vlm.build_feature_cache(cached.model, cached.processor, str(v2_data), paths,
                                                  str(tmp_path / "cache"), batch_size=3, progress=False)
     cached.cache_rows = {path: row for row, path in enumerate(paths)}
-    from PIL import Image
-
     images = [Image.open(v2_data / path).convert("RGB") for path in paths[:3]]
     with torch.no_grad():
         features = train_vlm.tower_features(plain.model, plain.processor.image_processor(images, return_tensors="pt")
                                             ["pixel_values"])
     assert torch.allclose(torch.from_numpy(cached.cache[:3].astype("float32")), features, atol=2e-3, rtol=2e-3)
-    import random
-
     for step, fraction in ((1, 0.3), (2, 1.0)):  # the same draws (order, turns) for both runs
         state = random.getstate()
         with torch.no_grad():

@@ -33,7 +33,8 @@ accuracy, so logs of earlier runs, the shipped model's included, used that metri
 both give 0.833 on the first 96 validation questions); the best checkpoint is saved with save_pretrained
 (safetensors) beside the processor, and every line of the log goes to train_log.jsonl in --out. --steps 0
 saves after stage 1; --tower-from starts stage 2 from such a tower instead of running stage 1; --init-from
-continues from every weight of a saved tiny VLM (a second stage 2 with a fresh schedule).
+continues from every weight of a saved tiny VLM (a second stage 2 with a fresh schedule); given both,
+--init-from's weights are loaded first and --tower-from's tower replaces theirs.
 
 Testbed v2 (--version 2; default 1, the shipped weights' testbed): the data module is `data_v2` (scenes,
 patch labels, the extra questions), the tokenizer covers v2's vocabulary, the sizes are `vlm.V2_SIZES`
@@ -615,7 +616,8 @@ def setup(args) -> _Run:
                "starting afresh"})
     from transformers import LlavaForConditionalGeneration
 
-    for event, path in (("init_from", args.init_from), ("tower_from", args.tower_from)):  # the tower's last
+    # --init-from first, so that with both --tower-from's tower replaces the one it loaded
+    for event, path in (("init_from", args.init_from), ("tower_from", args.tower_from)):
         if path:
             source = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True)
             if event == "init_from":
