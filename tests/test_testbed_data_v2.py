@@ -381,3 +381,35 @@ def test_command_line_versions(tmp_path, capsys):
     (tmp_path / "v2" / "val_captions.json").unlink()
     assert cli.main(["--out", str(tmp_path / "v2"), "--captions-only", "--version", "2"]) == 0
     assert (tmp_path / "v2" / "val_captions.json").read_bytes() == captions
+
+
+def _credit(values, answer, pick):
+    """Expected score of guessing one of the `pick` (most or least) common values, ties broken at random."""
+    counts = collections.Counter(values)
+    best = pick(counts.values())
+    tied = [value for value, n in counts.items() if n == best]
+    return (answer in tied) / len(tied)
+
+
+@pytest.mark.parametrize("kind", ["color", "shape", "relation"])
+def test_scene_statistics_do_not_give_the_answer_away(kind):
+    """A guess from the scene's colour (shape) counts alone, without looking anything up, scores about
+    what naming any colour (shape) present scores: the generator picks the answer with weight 1 / its
+    count, so the focus colour's repeats do not make "the most common colour" the answer (it scored 0.53
+    on colour questions when the object was picked uniformly)."""
+    attribute = "shape" if kind == "shape" else "color"
+    majority, least, present = [], [], []
+    for index in range(2500):
+        rng = data_v2._rng(5, "train", index)
+        scene = data_v2.sample_scene(rng)
+        question = data_v2._question_of_type(kind, scene, rng)
+        if question is None or question.answer in ("yes", "no"):
+            continue
+        values = [getattr(o, attribute) for o in scene.objects]
+        majority.append(_credit(values, question.answer, max))
+        least.append(_credit(values, question.answer, min))
+        present.append((question.answer in values) / len(set(values)))
+    assert len(majority) > 600
+    assert np.mean(present) > 0.25
+    assert np.mean(majority) - np.mean(present) < 0.08, (np.mean(majority), np.mean(present))
+    assert np.mean(least) - np.mean(present) < 0.08, (np.mean(least), np.mean(present))

@@ -81,6 +81,21 @@ def test_rope_theta_is_a_size():
     assert torch.allclose(default, 1e4 ** (-torch.arange(half, dtype=torch.float32) / half))
 
 
+def test_text_head_dim_is_a_size():
+    """--sizes '{"text_head_dim": 64}' widens the language model's heads at the same width (4 heads of 64
+    in 128: the projections 128 -> 256 -> 128); None (both versions' default) keeps width / heads."""
+    for version in vlm.VERSIONS:
+        config = vlm.build_config(version=version).text_config
+        assert config.head_dim == config.hidden_size // config.num_attention_heads
+    model = vlm.build_model(version=2, text_heads=4, text_head_dim=64)
+    attention = model.model.language_model.layers[0].self_attn
+    assert model.config.text_config.head_dim == 64 and attention.head_dim == 64
+    assert tuple(attention.q_proj.weight.shape) == (256, 128) and tuple(attention.o_proj.weight.shape) == (128, 256)
+    assert model.model.language_model.rotary_emb.inv_freq.numel() == 32
+    ids = torch.tensor([[2, 5, 6]])
+    assert model.model.language_model(input_ids=ids).last_hidden_state.shape == (1, 3, 128)
+
+
 def test_stage1_v2_learns_the_digit_marks(v2_data, tmp_path):
     """Stage 1 on v2 data: a "mark" head (0 = none, 1..10 = digit) beside v1's, its accuracy logged."""
     scenes = [scene for _, scene in train_vlm.load_scenes(str(v2_data), "train", 2)]

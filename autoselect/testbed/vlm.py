@@ -31,15 +31,17 @@ NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 576
 
 # Sizes of the shipped tiny VLM: small enough to train on two CPU cores, big enough to read the scenes.
 DEFAULT_SIZES = dict(vision_hidden=96, vision_layers=3, vision_heads=4, text_hidden=160, text_layers=3,
-                     text_heads=4, rope_theta=10000.0)
+                     text_heads=4, rope_theta=10000.0, text_head_dim=None)
 # Sizes of the testbed v2 VLM: language model head size 128 / 2 = 64 (vLLM's CPU attention supports it;
 # v1's 160 / 4 = 40 it does not), vision head size 96 / 3 = 32, one more tower layer than v1 (digits, small
 # objects). 1.39 M parameters; measured at about 0.8x v1's stage 2 step time (batch 32, all 576 tokens) on
 # the same two cores: 256-wide, 4-layer sizes (5.3 M) took 2x v1's, too slow for a two-hour CPU budget.
 # rope_theta: the language model's rotary base (Llama's 10000 in both; with 32-wide heads only the slowest
 # few frequency pairs stay position-free across 576 image tokens, hence a size one can change).
+# text_head_dim: the language model's head size when not text_hidden / text_heads (Llama's head_dim; None
+# keeps the quotient), so the heads can be made wider (or more numerous) at the same width.
 V2_SIZES = dict(vision_hidden=96, vision_layers=4, vision_heads=3, text_hidden=128, text_layers=3, text_heads=2,
-                rope_theta=10000.0)
+                rope_theta=10000.0, text_head_dim=None)
 VERSIONS = (1, 2)
 
 
@@ -111,6 +113,7 @@ def build_config(tokenizer=None, version: int = 1, **sizes):
     text = LlamaConfig(vocab_size=len(tokenizer), hidden_size=s["text_hidden"],
                        intermediate_size=4 * s["text_hidden"], num_hidden_layers=s["text_layers"],
                        num_attention_heads=s["text_heads"], num_key_value_heads=s["text_heads"],
+                       head_dim=s["text_head_dim"],
                        max_position_embeddings=1024, pad_token_id=tokenizer.pad_token_id,
                        rope_parameters={"rope_type": "default", "rope_theta": float(s["rope_theta"])},
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
