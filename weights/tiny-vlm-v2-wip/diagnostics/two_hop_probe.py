@@ -24,7 +24,7 @@ from autoselect.testbed import data_v2
 from autoselect.testbed.train_vlm import load_scenes
 
 torch.manual_seed(0)
-torch.set_num_threads(2)
+torch.set_num_threads(int(os.environ.get("THREADS", 2)))
 cache = np.load(sys.argv[1], mmap_mode="r")
 order, layers = sys.argv[2], int(sys.argv[3])
 steps = int(sys.argv[4]) if len(sys.argv) > 4 else 600
@@ -36,6 +36,8 @@ words = ["<pad>", "user", ":", "what", "color", "is", "the", "?", "assistant"] +
 # scene written out in words ("red ring blue star ...", objects left to right) where the image goes, so
 # that the language model has its copying heads before it sees an image (as LLaVA's pretrained LLM has).
 TEXT_STEPS = int(os.environ.get("TEXT_STEPS", 0))
+# BATCH (32) and LR (2e-3): the batch size and the learning rate (environment).
+BATCH, LR = int(os.environ.get("BATCH", 32)), float(os.environ.get("LR", 2e-3))
 WIDTH, HEADS, BACKGROUND = 128, 4, 24
 
 
@@ -112,9 +114,10 @@ held_out = [e + (torch.from_numpy(cache[row][e[0]].astype(np.float32)),)
             for row in range(len(scenes) - 400, len(scenes))
             if (e := example(row, np.random.default_rng([row, 5]))) is not None]
 model = Model()
-optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+optimiser = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=0.0)
 schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda s: min(1.0, (s + 1) / 50))
-print(f"order {order}, {layers} layers, {TEXT_STEPS} text-only steps, {steps} steps of 32; held out {len(held_out)} questions, "
+print(f"order {order}, {layers} layers, {TEXT_STEPS} text-only steps, {steps} steps of {BATCH}, lr {LR:g}; "
+      f"held out {len(held_out)} questions, "
       f"{sum(not e[3] for e in held_out)} where the most common colour is wrong", flush=True)
 
 
@@ -125,7 +128,7 @@ def in_words(row):
 
 for step in range(1 - TEXT_STEPS, steps + 1):
     batch, text_only = [], step <= 0
-    while len(batch) < 32:
+    while len(batch) < BATCH:
         row = int(rng.integers(len(scenes) - 400))
         if (e := example(row, rng)) is not None:
             batch.append(e + (in_words(row) if text_only else torch.from_numpy(cache[row][e[0]].astype(np.float32)),))
