@@ -212,16 +212,17 @@ def _side(obj: SceneObject, axis: str) -> Optional[str]:
     return None
 
 
-def attribute_question(kind: str, objects: Sequence[SceneObject], rng: np.random.Generator) -> Optional[Question]:
+def attribute_question(kind: str, objects: Sequence[SceneObject], rng: np.random.Generator,
+                       pick=None) -> Optional[Question]:
     """A "color" or "shape" question: one attribute of an object named by the other, which must be
     unique in the scene ("What color is the {shape}?", "What shape is the {color} object?"); None when
-    no object's naming attribute is unique."""
+    no object's naming attribute is unique. `pick(candidates)` chooses the object (default: uniformly)."""
     named_by = "shape" if kind == "color" else "color"
     names = [getattr(o, named_by) for o in objects]
     unique = [o for o in objects if names.count(getattr(o, named_by)) == 1]
     if not unique:
         return None
-    obj = unique[rng.integers(len(unique))]
+    obj = unique[rng.integers(len(unique))] if pick is None else pick(unique)
     text = f"What color is the {obj.shape}?" if kind == "color" else f"What shape is the {obj.color} object?"
     return Question(kind, text, getattr(obj, kind))
 

@@ -339,14 +339,14 @@ def _unique(objects: Sequence[SceneObject]) -> List[SceneObject]:
     return [o for o in objects if pairs.count((o.color, o.shape)) == 1]
 
 
-def _balanced(options: Sequence, answer, rng: np.random.Generator, counts=None):
+def _balanced(options: Sequence, answer, rng: np.random.Generator, counts):
     """One of `options`: its answer (`answer(option)`) drawn first from the distinct answers, with weight
-    1 / counts[answer] (uniformly without `counts`), then the option uniformly from those with that
+    1 / counts[answer], then the option uniformly from those with that
     answer. A colour question picked with the scene's colour counts as `counts` is no more often answered
     by the scene's most common colour than by a rarer one (an object picked uniformly would be: the
     scene's focus colour repeats, and a guess of the most common colour scored 0.53)."""
     answers = sorted({answer(option) for option in options})
-    weights = np.array([1.0 / counts[a] if counts else 1.0 for a in answers])
+    weights = np.array([1.0 / counts[a] for a in answers])
     chosen = answers[rng.choice(len(answers), p=weights / weights.sum())]
     matching = [option for option in options if answer(option) == chosen]
     return matching[rng.integers(len(matching))]
@@ -356,14 +356,9 @@ def _question_of_type(kind: str, scene: Scene, rng: np.random.Generator) -> Opti
     objects = scene.objects
     named = _unique(objects)
     if kind in ("color", "shape"):
-        named_by = "shape" if kind == "color" else "color"
-        names = [getattr(o, named_by) for o in objects]
-        unique = [o for o in objects if names.count(getattr(o, named_by)) == 1]
-        if not unique:
-            return None
-        obj = _balanced(unique, lambda o: getattr(o, kind), rng, collections.Counter(getattr(o, kind) for o in objects))
-        text = f"What color is the {obj.shape}?" if kind == "color" else f"What shape is the {obj.color} object?"
-        return Question(kind, text, getattr(obj, kind))
+        counts = collections.Counter(getattr(o, kind) for o in objects)
+        return v1.attribute_question(kind, objects, rng,
+                                     pick=lambda unique: _balanced(unique, lambda o: getattr(o, kind), rng, counts))
     if kind == "exist":
         return v1.exist_question(objects, rng, SHAPES)
     if kind == "count":
