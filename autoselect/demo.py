@@ -21,6 +21,7 @@ few minutes.
 """
 
 import argparse
+import copy
 import json
 import os
 import time
@@ -71,7 +72,9 @@ def prefill_times(model, processor, selector, records, image_root: str, keep: in
     encoded = {"image": BaseModelOutputWithPooling(pooler_output=list(features))}
 
     def language_model():
-        model(**text_only, mm_encoder_outputs={"image": encoded["image"]}, logits_to_keep=1)
+        # a new (shallow-copied) encoder output per call: with the same object and prompt, apply's memo
+        # would reuse the last selection and the time would leave the Scorer out
+        model(**text_only, mm_encoder_outputs={"image": copy.copy(encoded["image"])}, logits_to_keep=1)
 
     times = {"full_end_to_end_ms": _median_time(end_to_end), "full_language_model_ms": _median_time(language_model)}
     apply(model, selector, method="autoselect", keep=keep)

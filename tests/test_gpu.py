@@ -293,13 +293,16 @@ def test_diag_attention_triton_fp32(d, shape):
         torch.testing.assert_close(a.double() / scale, b / scale, rtol=2e-4, atol=2e-4, msg=name)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 @gpu
-def test_diag_attention_triton_low_precision(d, dtype):
+def test_diag_attention_triton_low_precision(d, dtype, seed):
+    """Several seeds: on an H100 a miscompiled (pipelined) memory backward at d = 128 was wrong on some
+    inputs only (one seed of two per dtype)."""
     need("diag_attention", "triton")
-    inputs = attention_inputs((4, 576, 8, d, 64), dtype, "cuda", seed=d)
-    grad = torch.randn_like(inputs[0])
+    inputs = attention_inputs((4, 576, 8, d, 64), dtype, "cuda", seed=100 * seed + d)
+    grad = torch.randn(inputs[0].shape, generator=torch.Generator().manual_seed(seed)).to("cuda", dtype)
     ours = attention_forward_backward(diag_attention, inputs, grad, "triton")
     exact = attention_forward_backward(diag_attention_ref, [t.double() for t in inputs], grad.double())
     own = attention_forward_backward(lambda *a: diag_attention_ref(*a[:5], a[5].to(dtype), compute_dtype=dtype),

@@ -123,3 +123,23 @@ def test_bad_tokens():
         scorer.fused_parameters(torch.float32, "cpu")
     with pytest.raises(TypeError):
         Scorer(24, 2)  # everything after dim is keyword-only: Scorer(D, H) of the first release fails loudly
+
+
+@pytest.mark.parametrize("layers", [0, 2])
+def test_scores_features_of_another_dtype_in_its_own(layers):
+    """A float32 Scorer (as trained) on a bfloat16 VLM's features: the tokens are cast to the Scorer's
+    dtype, so the scores equal those of the upcast tokens, and select gathers the bfloat16 tokens."""
+    scorer = small(layers)
+    x = tokens(2, 30, 24).bfloat16()
+    with torch.no_grad():
+        scores = scorer(x)
+        assert scores.dtype == torch.float32
+        torch.testing.assert_close(scores, scorer(x.float()), rtol=0, atol=0)
+        ragged = scorer([x[0, :11], x[1]])
+        torch.testing.assert_close(ragged[1], scores[1], rtol=1e-5, atol=1e-5)
+    kept, index = scorer.select(x, 7)
+    assert kept.dtype == torch.bfloat16
+    assert torch.equal(index, autoselect.select_topk_ref(x.float(), scores, 7)[1])
+    assert torch.equal(kept, torch.gather(x, 1, index.unsqueeze(-1).expand(-1, -1, 24)))
+    with pytest.raises(ValueError, match="floating"):
+        scorer(torch.ones(2, 30, 24, dtype=torch.long))

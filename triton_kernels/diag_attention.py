@@ -221,7 +221,10 @@ _DTYPE_CLASS = {torch.float16: "16-bit", torch.bfloat16: "16-bit", torch.float32
 _CONFIGS = {
     ("16-bit", 32): ((64, 64, 4, 3), (64, 64, 4, 3), (64, 64, 4, 3)),
     ("16-bit", 64): ((64, 64, 8, 3), (64, 64, 8, 3), (64, 32, 8, 3)),
-    ("16-bit", 128): ((32, 64, 8, 3), (16, 64, 8, 3), (32, 64, 8, 3)),
+    # The memory backward at 16-bit d = 128 runs unpipelined: on an H100 (Triton 3.6, 2026-11-26) its
+    # software-pipelined variants (BLOCK_T 16 or 32 with 2 or 3 stages) gave wrong mem_k gradients on
+    # some inputs (errors 0.03-0.23 of the largest, against 0.002 for PyTorch at fp16), 1 stage none.
+    ("16-bit", 128): ((32, 64, 8, 3), (16, 64, 8, 3), (32, 64, 8, 1)),
     ("fp32", 32): ((64, 32, 8, 2), (64, 32, 8, 2), (32, 16, 4, 2)),
     ("fp32", 64): ((32, 32, 8, 2), (16, 32, 4, 2), (16, 32, 4, 2)),
     ("fp32", 128): ((16, 32, 8, 1), (16, 32, 8, 1), (16, 32, 8, 1)),

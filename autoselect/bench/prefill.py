@@ -69,45 +69,61 @@ def kv_bytes(model, tokens: int, batch: int, dtype) -> int:
 
 
 def run(hidden: int = 1024, layers: int = 8, text: int = 64, image: int = 576, dtype=torch.float32, device="cpu",
-        repeats: int = 5, batch: int = 1, keeps=KEEPS, methods=("autoselect", "norm")):
+        repeats: int = 5, batch: int = 1, keeps=KEEPS, methods=("autoselect", "norm"), selector=None):
     """Measure full and pruned prefill; returns rows in the `_timing.FIELDS` format (kernel "prefill",
-    mode "full" / "keep=K", provider the method; the note holds the speed-up over full and the KV cache)."""
+    mode "full" / "keep=K", provider the method or "ceiling"; the note holds the speed-up over full and
+    the KV cache). Each timed call passes a new encoder-output object, so `apply`'s memo (the same
+    encoded images with the same prompt reuse their selection) never skips the selection being timed.
+    The "ceiling" row of each K is the unpatched model on text + K image tokens: the time any pruning to
+    K tokens could reach, so (pruned - ceiling) is what selection and pruning cost. `selector`: the
+    AutoSelector to time (default: an untrained one; speed does not depend on its weights)."""
     import autoselect
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     device = torch.device(device)
     model = build_model(hidden, layers, dtype, device)
     inputs = make_inputs(model, text, image, batch, dtype, device)
-    selector = autoselect.AutoSelector(hidden, denoiser=None).to(device)  # untrained: speed only
+    if selector is None:
+        selector = autoselect.AutoSelector(hidden, denoiser=None).to(device)
     repeats = max(1, min(repeats, 5)) if device.type == "cpu" else repeats
     shape = f"{batch}x({text}+{image}) h{hidden} L{layers}"
     meta = {"date": today(), "kernel": "prefill", "backend": "", "shape": shape, "dtype": str(dtype).replace("torch.", ""),
             "device": device.type, "device_name": device_name(device), "gbps": "", **versions()}
 
-    def call():
-        with torch.no_grad():
-            out = model(**inputs, logits_to_keep=1, use_cache=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return out
+    def timed(inputs):
+        features = inputs["mm_encoder_outputs"]["image"].pooler_output
+
+        def call():
+            fresh = {**inputs, "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(features))}}
+            with torch.no_grad():
+                out = model(**fresh, logits_to_keep=1, use_cache=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return out
+
+        cache_len = call().cache.get_seq_length()
+        ms, p20, p80 = measure(call, device, repeats=repeats, warmup=1 if device.type == "cpu" else 3)
+        return ms, p20, p80, f"kv_cache={kv_bytes(model, cache_len, batch, dtype) / 2**20:.1f}MiB ({cache_len} tokens)"
 
     rows = []
-    cache_len = call().cache.get_seq_length()
-    full_ms, p20, p80 = measure(call, device, repeats=repeats, warmup=1 if device.type == "cpu" else 3)
+    full_ms, p20, p80, kv = timed(inputs)
     rows.append({**meta, "mode": "full", "provider": "full", "median_ms": full_ms, "p20_ms": p20, "p80_ms": p80,
-                 "note": f"kv_cache={kv_bytes(model, cache_len, batch, dtype) / 2**20:.1f}MiB ({cache_len} tokens)"})
+                 "note": kv})
     for keep in keeps:
+        ms, p20, p80, kv = timed(make_inputs(model, text, min(keep, image), batch, dtype, device))
+        rows.append({**meta, "mode": f"keep={keep}", "provider": "ceiling", "median_ms": ms, "p20_ms": p20,
+                     "p80_ms": p80, "note": f"x{full_ms / ms:.2f} vs full; {kv}; the unpatched model on text + "
+                     f"{min(keep, image)} image tokens (no selection): the bound of any pruning"})
         for method in methods:
             if method == "autoselect":
                 autoselect.apply(model, selector, keep=keep)
             else:
                 autoselect.apply(model, method=method, keep=keep)
             try:
-                cache_len = call().cache.get_seq_length()
-                ms, p20, p80 = measure(call, device, repeats=repeats, warmup=1 if device.type == "cpu" else 3)
+                ms, p20, p80, kv = timed(inputs)
             finally:
                 autoselect.revert(model)
             label = "autoselect (untrained AutoSelector, random weights)" if method == "autoselect" else method
             rows.append({**meta, "mode": f"keep={keep}", "provider": method, "median_ms": ms, "p20_ms": p20,
-                         "p80_ms": p80, "note": f"x{full_ms / ms:.2f} vs full; kv_cache="
-                         f"{kv_bytes(model, cache_len, batch, dtype) / 2**20:.1f}MiB ({cache_len} tokens); {label}"})
+                         "p80_ms": p80, "note": f"x{full_ms / ms:.2f} vs full; {kv}; {label}"})
     return rows

@@ -68,7 +68,9 @@ class Scorer(nn.Module):
 
     Call: `scorer(x)` with x (B, N, D) or (N, D) returns the logits (B, N) or (N,); a list of (N_i, D)
     (a ragged batch: images with different token counts) returns a list of (N_i,). The module
-    computes in the dtype of its parameters. `scorer.select(x, k)` returns the top-k tokens
+    computes in the dtype of its parameters: tokens of another floating dtype (a float32 Scorer on a
+    bfloat16 VLM's features) are cast to it, and the scores come back in it. `scorer.select(x, k)`
+    returns the top-k tokens
     (kept, index) as `autoselect.select_topk` does.
     """
 
@@ -120,14 +122,18 @@ class Scorer(nn.Module):
         if not isinstance(x, Tensor) or x.dim() < 1 or x.shape[-1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"Scorer: expected tokens (..., N, {self.dim}), got {shape}")
+        if not x.is_floating_point():
+            raise ValueError(f"Scorer: tokens must be a floating tensor, got {x.dtype}")
 
     def forward(self, x: Union[Tensor, Sequence[Tensor]]) -> Union[Tensor, List[Tensor]]:
+        dtype = self.norm.weight.dtype  # the Scorer computes in the dtype of its parameters
         if isinstance(x, (list, tuple)):
             for t in x:
                 self._check(t)
                 if t.dim() != 2:
                     raise ValueError(f"Scorer: a ragged batch is a list of (N_i, {self.dim}) tensors, got "
                                      f"{tuple(t.shape)}")
+            x = [t.to(dtype) for t in x]
             if self.layers == 0:
                 return [self(t) for t in x]
             lengths = [t.shape[0] for t in x]
@@ -137,6 +143,7 @@ class Scorer(nn.Module):
             scores = self._transformer(padded, key_mask)
             return [scores[i, :n] for i, n in enumerate(lengths)]
         self._check(x)
+        x = x.to(dtype)
         if self.layers == 0:
             return self.fc2(self.act(self.fc1(self.norm(x)))).squeeze(-1)
         if x.dim() == 2:

@@ -5,9 +5,9 @@ calls `KERNELS.run(device, *args)` (or `KERNELS.run(device, *args, table="backwa
 table added with `KERNELS.add("backward", ...)`); `compiled("name")` stands for a kernel of the extension, loading autoselect._C on first use.
 
 Value checks (alpha in [0, 1], finite scores) never read a tensor back to the host: `check_values`
-queues a device-side assert (`torch._assert_async`), which raises at once on the CPU and at the next
-synchronisation on a GPU, so a pruned prefill stays free of host syncs and can be captured in a CUDA
-graph. `AUTOSELECT_DEBUG_CHECKS=1` turns on the host-side checks instead: they synchronise, and their
+queues a device-side assert (`torch._assert_async`), which raises at once on the CPU and no later
+than the next synchronisation on a GPU, so a pruned prefill stays free of host syncs and can be
+captured in a CUDA graph. `AUTOSELECT_DEBUG_CHECKS=1` turns on the host-side checks instead: they synchronise, and their
 messages say how many values are bad and where the first one is.
 """
 
@@ -36,10 +36,10 @@ def debug_checks() -> bool:
 def check_values(ok: Tensor, message: str, details: Callable[[], str] = None):
     """Raise ValueError(message) unless the boolean scalar `ok` is true, without a host sync.
 
-    The check is a device-side assert: on the CPU it raises here; on a GPU the error surfaces at the
-    next synchronisation (a device-side assert ends the CUDA context, as any failed device assert
-    does). With AUTOSELECT_DEBUG_CHECKS=1 it reads `ok` on the host instead and appends `details()`
-    (which may read tensors) to the message.
+    The check is a device-side assert: on the CPU it raises here; on a GPU the error surfaces as a
+    RuntimeError no later than the next synchronisation (a later kernel launch may report it first),
+    and it ends the CUDA context, as any failed device assert does. With AUTOSELECT_DEBUG_CHECKS=1 it
+    reads `ok` on the host instead and appends `details()` (which may read tensors) to the message.
     """
     if debug_checks():
         if not bool(ok):
