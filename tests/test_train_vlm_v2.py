@@ -1,9 +1,11 @@
 """The testbed v2 tiny VLM (vlm version 2, train_vlm --version 2): tokenizer, image-first prompt, sizes,
-stage 1's digit head, caption mixing in stage 2, and resuming an interrupted run to the same weights."""
+stage 1's digit head, caption mixing and the recall turns in stage 2, and resuming an interrupted run to
+the same weights."""
 
 import json
 import random
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -136,6 +138,40 @@ def test_stage2_mixes_in_captions_at_the_configured_fraction(v2_data, tmp_path):
     expected = (torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:]) +
                 torch.nn.functional.cross_entropy(logits[1, 3:4], labels[1, 4:])) / 2
     assert torch.allclose(train_vlm.per_sample_loss(logits, labels), expected)
+
+
+def test_recall_steps_name_each_unique_shape_with_its_colour(v2_data, tmp_path):
+    args = train_vlm.resolve_defaults(train_vlm.build_parser().parse_args(
+        ["--data", str(v2_data), "--out", str(tmp_path / "run"), "--vision-steps", "0", "--batch-size", "8",
+         "--recall-steps", "2", "--caption-fraction", "0", "--turns", "2", *TINY_ARGS]))
+    run = train_vlm.setup(args)
+    recalled = 0
+    for step in (1, 2, 3):
+        _, conversations, paths = train_vlm.stage2_batch(run, step)
+        for path, turns in zip(paths, conversations):
+            scene = run.train_scenes[path]
+            shapes = [o.shape for o in scene.objects]
+            unique = {o.shape: o.color for o in scene.objects if shapes.count(o.shape) == 1}
+            assert turns[0][0].startswith("<image>\n")
+            if step <= 2 and unique:  # one turn: every unique shape once, each followed by its colour
+                assert len(turns) == 1 and turns[0][0] == "<image>\n" + train_vlm.RECALL_QUESTION
+                words = turns[0][1].split()
+                assert sorted(words[0::2]) == sorted(unique) and words[1::2] == [unique[w] for w in words[0::2]]
+                recalled += 1
+            else:  # the data's questions (and the generated ones), --turns of them
+                assert len(turns) == 2 and all(q.endswith("?") for q, _ in turns)
+    assert recalled >= 8
+    # --recall-fraction: after the recall steps, about that share of the samples is a recall turn
+    args.recall_fraction = 0.5
+    kinds = [turns[0][0] == "<image>\n" + train_vlm.RECALL_QUESTION
+             for step in range(3, 23) for turns in train_vlm.stage2_batch(run, step)[1]]
+    assert 0.3 < sum(kinds) / len(kinds) < 0.6, sum(kinds) / len(kinds)
+    # --recall-as questions: the same objects, one colour question each
+    for path, scene in run.train_scenes.items():
+        shapes = [o.shape for o in scene.objects]
+        unique = {o.shape: o.color for o in scene.objects if shapes.count(o.shape) == 1}
+        turns = train_vlm.recall_turns(scene, np.random.default_rng(0), "questions")
+        assert sorted(turns) == sorted((f"What color is the {s}?", c) for s, c in unique.items())
 
 
 def test_v1_defaults_stay_and_never_caption(tmp_path):

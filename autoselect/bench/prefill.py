@@ -94,7 +94,8 @@ def run(hidden: int = 1024, layers: int = 8, text: int = 64, image: int = 576, d
         features = inputs["mm_encoder_outputs"]["image"].pooler_output
 
         def call():
-            fresh = {**inputs, "mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=list(features))}}
+            encoded = BaseModelOutputWithPooling(pooler_output=list(features))
+            fresh = {**inputs, "mm_encoder_outputs": {"image": encoded}}
             with torch.no_grad():
                 out = model(**fresh, logits_to_keep=1, use_cache=True)
             if device.type == "cuda":

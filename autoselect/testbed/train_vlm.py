@@ -19,7 +19,10 @@ Stage 2 trains the projector and the language model on the answers with the towe
 the default: stage 1's features stay as they are, and no backward runs through the tower). Each sample
 is one image with --turns of its questions (the data's, plus --extra-questions more drawn from the scene
 description, deterministic from --seed and the step), the question before the image (vlm.prompt); the
-loss is the next-token loss on answer tokens (and the </s> after each). A curriculum shows the language
+loss is the next-token loss on answer tokens (and the </s> after each). Recall turns (`recall_turns`:
+--recall-steps first, --recall-fraction of the samples after, --recall-as their form) ask every object of
+unique shape for its colour, which a language model trained from scratch needs to learn the lookup by
+shape (weights/tiny-vlm-v2-wip/README.md, eighth session). A curriculum shows the language
 model every patch an object touches but only a fraction of the background patches (--background-start,
 rising linearly from --ramp-from to --full-from of the steps, then every token): with all 576 tokens from
 the start the model stayed near the question prior (image first, 8 questions per image: val 0.52 after
@@ -468,6 +471,17 @@ def build_parser():
                              "stage 2 reads them instead of running the tower; needs --tower-lr 0)")
     parser.add_argument("--turns", type=int, default=1,
                         help="stage 2: questions per image in one sample (later turns follow the image)")
+    parser.add_argument("--recall-fraction", type=float, default=0.0,
+                        help="stage 2: after --recall-steps, the probability that a sample is its recall turn "
+                             "instead of questions (keeps the lookup trained; 0: off)")
+    parser.add_argument("--recall-as", choices=("pairs", "questions"), default="pairs",
+                        help="the recall turns' form: one turn 'star blue ring red' (pairs) or one colour question per "
+                             "unique shape (questions)")
+    parser.add_argument("--recall-steps", type=int, default=0,
+                        help="stage 2: the first N steps replace the questions by one recall turn: every object whose "
+                             "shape is unique in the scene as its shape's name and its colour ('star blue ring red'), "
+                             "so that the language model learns the lookup by shape before it has to find the "
+                             "shape in a question (recall_turns; 0: off)")
     parser.add_argument("--init-from", help="a saved tiny VLM to continue from (every weight; with "
                         "--vision-steps 0): a second stage 2 with a fresh learning-rate schedule")
     parser.add_argument("--tower-from", help="a saved tiny VLM whose vision tower replaces stage 1 (with "
@@ -659,10 +673,39 @@ def is_caption(run: _Run, step: int, row: int) -> bool:
     return fraction > 0 and float(np.random.default_rng([run.args.seed, step, row, 1]).random()) < fraction
 
 
+RECALL_QUESTION = "color"
+
+
+def recall_turns(scene, rng, form: str = "pairs") -> list:
+    """The recall phase's one turn of a scene (--recall-steps): RECALL_QUESTION answered by every object
+    whose shape is unique in the scene as its shape name followed by its colour, in a random order
+    ("star blue ring red ..."); empty when no shape is unique (the sample keeps its questions). With
+    form "questions" (--recall-as questions) the same objects are asked one turn each, "What color is the
+    star?" -> "blue" (every question of the sample a lookup by shape).
+
+    Why: a small language model trained from scratch on "What color is the star?" after the image did not
+    learn to find the star's patches (weights/tiny-vlm-v2-wip/diagnostics). When the colour is the token
+    right after its shape's name, a small Llama learns that lookup within a few hundred steps and then
+    carries it over to the full questions quickly; with the prompt's "assistant :" between them it learns
+    it more slowly (recall_probe.py)."""
+    from collections import Counter
+
+    counts = Counter(o.shape for o in scene.objects)
+    pairs = [(o.shape, o.color) for o in scene.objects if counts[o.shape] == 1]
+    if not pairs:
+        return []
+    order = rng.permutation(len(pairs))
+    if form == "questions":
+        return [(f"What color is the {pairs[i][0]}?", pairs[i][1]) for i in order]
+    return [(RECALL_QUESTION, " ".join(f"{pairs[i][0]} {pairs[i][1]}" for i in order))]
+
+
 def stage2_batch(run: _Run, step: int):
     """(images, conversations, scene paths) of stage 2's `step` (1-based): the next --batch-size images
     of a shuffled order, each with --turns of its questions (the data's and --extra-questions more
-    generated from the scene) or, with probability --caption-fraction, its caption; the image placed as
+    generated from the scene; in the first --recall-steps steps, and later with probability
+    --recall-fraction, its recall_turns instead) or, with
+    probability --caption-fraction, its caption; the image placed as
     the version's prompt has it (`vlm.image_question`: v1 after the first question, v2 before it)."""
     import numpy as np
     from PIL import Image
@@ -680,6 +723,13 @@ def stage2_batch(run: _Run, step: int):
         if is_caption(run, step, row):
             prompt, text = run.captions[path]
             conversations.append([(vlm.image_question(prompt, args.version), text)])
+            continue
+        draw = np.random.default_rng([args.seed, step, row, 2])
+        recall = recall_turns(run.train_scenes[path], draw, args.recall_as) \
+            if step <= args.recall_steps or (args.recall_fraction > 0 and draw.random() < args.recall_fraction) else []
+        if recall:
+            conversations.append([(vlm.image_question(q, args.version) if i == 0 else q, a)
+                                  for i, (q, a) in enumerate(recall)])
             continue
         turns = [(q, a) for q, a, _ in turns]
         if args.extra_questions:

@@ -22,6 +22,7 @@ import torch
 
 from autoselect.testbed import data_v2
 from autoselect.testbed.train_vlm import load_scenes
+from llama_parts import Block  # noqa: E402 (this folder; python puts a script's folder on sys.path)
 
 torch.manual_seed(0)
 torch.set_num_threads(int(os.environ.get("THREADS", 2)))
@@ -55,38 +56,13 @@ def example(row, rng):
     return keep, text, colours.index(question.answer), counts[question.answer] == max(counts.values())
 
 
-def rotary(x, positions):
-    half = x.shape[-1] // 2
-    angles = positions[:, None].float() * 10000.0 ** (-torch.arange(half).float() / half)
-    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
-    return x * cos + torch.cat([-x[..., half:], x[..., :half]], -1) * sin
-
-
-class Block(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.norm1, self.norm2 = torch.nn.RMSNorm(WIDTH), torch.nn.RMSNorm(WIDTH)
-        self.qkv, self.out = torch.nn.Linear(WIDTH, 3 * WIDTH, bias=False), torch.nn.Linear(WIDTH, WIDTH, bias=False)
-        self.gate, self.up = torch.nn.Linear(WIDTH, 4 * WIDTH, bias=False), torch.nn.Linear(WIDTH, 4 * WIDTH, bias=False)
-        self.down = torch.nn.Linear(4 * WIDTH, WIDTH, bias=False)
-
-    def forward(self, x, positions, mask):
-        b, n, _ = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, HEADS, WIDTH // HEADS).permute(2, 0, 3, 1, 4)
-        q, k = rotary(q, positions), rotary(k, positions)
-        x = x + self.out(torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-                         .transpose(1, 2).reshape(b, n, WIDTH))
-        h = self.norm2(x)
-        return x + self.down(torch.nn.functional.silu(self.gate(h)) * self.up(h))
-
-
 class Model(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.projector = torch.nn.Sequential(torch.nn.Linear(cache.shape[2], WIDTH), torch.nn.GELU(),
                                              torch.nn.Linear(WIDTH, WIDTH))
         self.embed = torch.nn.Embedding(len(words), WIDTH)
-        self.blocks = torch.nn.ModuleList(Block() for _ in range(layers))
+        self.blocks = torch.nn.ModuleList(Block(WIDTH, HEADS) for _ in range(layers))
         self.norm, self.head = torch.nn.RMSNorm(WIDTH), torch.nn.Linear(WIDTH, len(colours))
 
     def forward(self, batch, in_words=False):
