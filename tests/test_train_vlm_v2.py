@@ -172,6 +172,17 @@ def test_recall_steps_name_each_unique_shape_with_its_colour(v2_data, tmp_path):
         unique = {o.shape: o.color for o in scene.objects if shapes.count(o.shape) == 1}
         turns = train_vlm.recall_turns(scene, np.random.default_rng(0), "questions")
         assert sorted(turns) == sorted((f"What color is the {s}?", c) for s, c in unique.items())
+        # --recall-as all: also the shape of each unique colour and the digit on each marked named object
+        colours = [o.color for o in scene.objects]
+        expected = [(f"What color is the {s}?", c) for s, c in unique.items()]
+        expected += [(f"What shape is the {o.color} object?", o.shape) for o in scene.objects
+                     if colours.count(o.color) == 1]
+        expected += [(f"What digit is on the {o.color} {o.shape}?", o.mark) for o in scene.objects if o.mark is not None
+                     and sum((p.color, p.shape) == (o.color, o.shape) for p in scene.objects) == 1]
+        assert sorted(train_vlm.recall_turns(scene, np.random.default_rng(0), "all")) == sorted(expected)
+    marks = [q for scene in run.train_scenes.values()
+             for q, _ in train_vlm.recall_turns(scene, np.random.default_rng(0), "all") if q.startswith("What digit")]
+    assert marks  # the fixture's scenes have marked objects
 
 
 def test_v1_defaults_stay_and_never_caption(tmp_path):

@@ -474,9 +474,9 @@ def build_parser():
     parser.add_argument("--recall-fraction", type=float, default=0.0,
                         help="stage 2: after --recall-steps, the probability that a sample is its recall turn "
                              "instead of questions (keeps the lookup trained; 0: off)")
-    parser.add_argument("--recall-as", choices=("pairs", "questions"), default="pairs",
-                        help="the recall turns' form: one turn 'star blue ring red' (pairs) or one colour question per "
-                             "unique shape (questions)")
+    parser.add_argument("--recall-as", choices=("pairs", "questions", "all"), default="pairs",
+                        help="the recall turns' form: one turn 'star blue ring red' (pairs), one colour question per "
+                             "unique shape (questions), or those and every shape and digit lookup (all)")
     parser.add_argument("--recall-steps", type=int, default=0,
                         help="stage 2: the first N steps replace the questions by one recall turn: every object whose "
                              "shape is unique in the scene as its shape's name and its colour ('star blue ring red'), "
@@ -681,7 +681,10 @@ def recall_turns(scene, rng, form: str = "pairs") -> list:
     whose shape is unique in the scene as its shape name followed by its colour, in a random order
     ("star blue ring red ..."); empty when no shape is unique (the sample keeps its questions). With
     form "questions" (--recall-as questions) the same objects are asked one turn each, "What color is the
-    star?" -> "blue" (every question of the sample a lookup by shape).
+    star?" -> "blue" (every question of the sample a lookup by shape). With form "all" the sample asks
+    every lookup the generator's questions name an object by: the colour of each unique shape, the shape
+    of each unique colour ("What shape is the red object?") and the digit on each marked object named by
+    colour and shape ("What digit is on the red star?"), in a random order; empty when there is none.
 
     Why: a small language model trained from scratch on "What color is the star?" after the image did not
     learn to find the star's patches (weights/tiny-vlm-v2-wip/diagnostics). When the colour is the token
@@ -692,6 +695,14 @@ def recall_turns(scene, rng, form: str = "pairs") -> list:
 
     counts = Counter(o.shape for o in scene.objects)
     pairs = [(o.shape, o.color) for o in scene.objects if counts[o.shape] == 1]
+    if form == "all":
+        colours = Counter(o.color for o in scene.objects)
+        named = Counter((o.color, o.shape) for o in scene.objects)
+        turns = [(f"What color is the {shape}?", color) for shape, color in pairs]
+        turns += [(f"What shape is the {o.color} object?", o.shape) for o in scene.objects if colours[o.color] == 1]
+        turns += [(f"What digit is on the {o.color} {o.shape}?", o.mark) for o in scene.objects
+                  if getattr(o, "mark", None) is not None and named[(o.color, o.shape)] == 1]
+        return [turns[i] for i in rng.permutation(len(turns))]
     if not pairs:
         return []
     order = rng.permutation(len(pairs))
