@@ -696,12 +696,13 @@ def recall_turns(scene, rng, form: str = "pairs") -> list:
     counts = Counter(o.shape for o in scene.objects)
     pairs = [(o.shape, o.color) for o in scene.objects if counts[o.shape] == 1]
     if form == "all":
+        from .data_v2 import _unique  # the objects named by colour and shape, as the digit questions name them
+
         colours = Counter(o.color for o in scene.objects)
-        named = Counter((o.color, o.shape) for o in scene.objects)
         turns = [(f"What color is the {shape}?", color) for shape, color in pairs]
         turns += [(f"What shape is the {o.color} object?", o.shape) for o in scene.objects if colours[o.color] == 1]
-        turns += [(f"What digit is on the {o.color} {o.shape}?", o.mark) for o in scene.objects
-                  if getattr(o, "mark", None) is not None and named[(o.color, o.shape)] == 1]
+        turns += [(f"What digit is on the {o.color} {o.shape}?", o.mark) for o in _unique(scene.objects)
+                  if getattr(o, "mark", None) is not None]
         return [turns[i] for i in rng.permutation(len(turns))]
     if not pairs:
         return []
@@ -715,9 +716,9 @@ def stage2_batch(run: _Run, step: int):
     """(images, conversations, scene paths) of stage 2's `step` (1-based): the next --batch-size images
     of a shuffled order, each with --turns of its questions (the data's and --extra-questions more
     generated from the scene; in the first --recall-steps steps, and later with probability
-    --recall-fraction, its recall_turns instead) or, with
-    probability --caption-fraction, its caption; the image placed as
-    the version's prompt has it (`vlm.image_question`: v1 after the first question, v2 before it)."""
+    --recall-fraction, its recall_turns instead) or, with probability --caption-fraction, its caption;
+    the image placed as the version's prompt has it (`vlm.image_question`: v1 after the first question,
+    v2 before it)."""
     import numpy as np
     from PIL import Image
 
