@@ -167,6 +167,7 @@ def test_recall_steps_name_each_unique_shape_with_its_colour(v2_data, tmp_path):
              for step in range(3, 23) for turns in train_vlm.stage2_batch(run, step)[1]]
     assert 0.3 < sum(kinds) / len(kinds) < 0.6, sum(kinds) / len(kinds)
     # --recall-as questions: the same objects, one colour question each
+    spatial = 0
     for path, scene in run.train_scenes.items():
         shapes = [o.shape for o in scene.objects]
         unique = {o.shape: o.color for o in scene.objects if shapes.count(o.shape) == 1}
@@ -180,9 +181,28 @@ def test_recall_steps_name_each_unique_shape_with_its_colour(v2_data, tmp_path):
         expected += [(f"What digit is on the {o.color} {o.shape}?", o.mark) for o in scene.objects if o.mark is not None
                      and sum((p.color, p.shape) == (o.color, o.shape) for p in scene.objects) == 1]
         assert sorted(train_vlm.recall_turns(scene, np.random.default_rng(0), "all")) == sorted(expected)
+        # --recall-as every: also each named object's side on each axis where it lies in one half, and the
+        # colour of the one object beside a named one (the generator's location and relation questions)
+        named = [o for o in scene.objects if sum((p.color, p.shape) == (o.color, o.shape) for p in scene.objects) == 1]
+        for o in named:
+            for axis, low, high, where in (("x", "left", "right", "on the left or the right"),
+                                           ("y", "top", "bottom", "at the top or the bottom")):
+                centre = o.x if axis == "x" else o.y
+                side = low if centre + o.size / 2 < 168 else high if centre - o.size / 2 > 168 else None
+                if side:
+                    expected.append((f"Is the {o.color} {o.shape} {where}?", side))
+        for anchor in named:
+            for direction in data_v2.DIRECTIONS:
+                near = [o for o in scene.objects if o is not anchor and data_v2._beside(o, anchor, direction)]
+                if len(near) == 1 and data_v2.relation(near[0], anchor) == direction:
+                    expected.append((f"What color is the object {direction} the {anchor.color} {anchor.shape}?",
+                                     near[0].color))
+        every = train_vlm.recall_turns(scene, np.random.default_rng(0), "every")
+        assert sorted(every) == sorted(expected)
+        spatial += sum(q.startswith(("Is the", "What color is the object")) for q, _ in every)
     marks = [q for scene in run.train_scenes.values()
              for q, _ in train_vlm.recall_turns(scene, np.random.default_rng(0), "all") if q.startswith("What digit")]
-    assert marks  # the fixture's scenes have marked objects
+    assert marks and spatial  # the fixture's scenes have marked objects and objects in one half
 
 
 def test_v1_defaults_stay_and_never_caption(tmp_path):

@@ -85,7 +85,8 @@ from .data import (CAPTION_PROMPT, CAPTION_TYPE, COLORS, IMAGE_SIZE, PATCH_SIZE,
 __all__ = ["VERSION", "IMAGE_SIZE", "PATCH_SIZE", "COLORS", "SHAPES", "MARKABLE_SHAPES", "DIGITS", "SPLITS",
            "MIN_OBJECTS", "MAX_OBJECTS", "QUESTION_TYPES", "CAPTION_TYPE", "CAPTION_PROMPT", "SceneObject", "Scene",
            "Question", "sample_scene", "render", "patch_labels", "mark_patches", "mark_centre", "mark_ink", "mark_box",
-           "glyph", "relation", "make_questions", "caption", "caption_record", "vocabulary", "generate",
+           "glyph", "relation", "location_questions", "neighbours", "make_questions", "caption", "caption_record",
+           "vocabulary", "generate",
            "write_split", "write_captions", "image_digest", "plural", "split_words", "image_first"]
 
 VERSION = 2
@@ -352,6 +353,33 @@ def _balanced(options: Sequence, answer, rng: np.random.Generator, counts):
     return matching[rng.integers(len(matching))]
 
 
+def location_questions(named: Sequence[SceneObject]) -> List[Question]:
+    """Every location question about the named objects (`_unique`): one per object and axis on which it
+    lies in one half ("Is the red star on the left or the right?" -> "left"), objects in order, x before y."""
+    questions = []
+    for obj in named:
+        for axis in ("x", "y"):
+            side = v1._side(obj, axis)
+            if side is None:
+                continue
+            where = "on the left or the right" if axis == "x" else "at the top or the bottom"
+            questions.append(Question("location", f"Is the {obj.color} {obj.shape} {where}?", side))
+    return questions
+
+
+def neighbours(objects: Sequence[SceneObject], named: Sequence[SceneObject]) -> list:
+    """(anchor, direction, other) for each named anchor and direction with exactly one object beside the
+    anchor that way (`_beside`), which also stands in that `relation` to it: what the colour form of a
+    relation question asks ("What color is the object left of the red star?" -> other's colour)."""
+    options = []
+    for anchor in named:
+        for direction in DIRECTIONS:
+            near = [o for o in objects if o is not anchor and _beside(o, anchor, direction)]
+            if len(near) == 1 and relation(near[0], anchor) == direction:
+                options.append((anchor, direction, near[0]))
+    return options
+
+
 def _question_of_type(kind: str, scene: Scene, rng: np.random.Generator) -> Optional[Question]:
     objects = scene.objects
     named = _unique(objects)
@@ -367,21 +395,11 @@ def _question_of_type(kind: str, scene: Scene, rng: np.random.Generator) -> Opti
             return Question(kind, "How many objects are there?", str(len(objects)))
         return v1.attribute_count_question(objects, draw < 0.6, rng, SHAPES, repeated_below=0.6, any_above=0.88)
     if kind == "location":
-        candidates = [(o, axis) for o in named for axis in ("x", "y") if v1._side(o, axis) is not None]
-        if not candidates:
-            return None
-        obj, axis = candidates[rng.integers(len(candidates))]
-        if axis == "x":
-            return Question(kind, f"Is the {obj.color} {obj.shape} on the left or the right?", v1._side(obj, "x"))
-        return Question(kind, f"Is the {obj.color} {obj.shape} at the top or the bottom?", v1._side(obj, "y"))
+        candidates = location_questions(named)
+        return candidates[rng.integers(len(candidates))] if candidates else None
     if kind == "relation":
         if rng.random() < 0.5:  # the colour of the one object beside a named one
-            options = []
-            for anchor in named:
-                for direction in DIRECTIONS:
-                    near = [o for o in objects if o is not anchor and _beside(o, anchor, direction)]
-                    if len(near) == 1 and relation(near[0], anchor) == direction:
-                        options.append((anchor, direction, near[0]))
+            options = neighbours(objects, named)
             if options:
                 anchor, direction, other = _balanced(options, lambda option: option[2].color, rng,
                                                      collections.Counter(o.color for o in objects))

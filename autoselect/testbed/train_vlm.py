@@ -474,9 +474,10 @@ def build_parser():
     parser.add_argument("--recall-fraction", type=float, default=0.0,
                         help="stage 2: after --recall-steps, the probability that a sample is its recall turn "
                              "instead of questions (keeps the lookup trained; 0: off)")
-    parser.add_argument("--recall-as", choices=("pairs", "questions", "all"), default="pairs",
+    parser.add_argument("--recall-as", choices=("pairs", "questions", "all", "every"), default="pairs",
                         help="the recall turns' form: one turn 'star blue ring red' (pairs), one colour question per "
-                             "unique shape (questions), or those and every shape and digit lookup (all)")
+                             "unique shape (questions), those and every shape and digit lookup (all), or all's and "
+                             "every location and neighbour-colour question (every)")
     parser.add_argument("--recall-steps", type=int, default=0,
                         help="stage 2: the first N steps replace the questions by one recall turn: every object whose "
                              "shape is unique in the scene as its shape's name and its colour ('star blue ring red'), "
@@ -684,7 +685,9 @@ def recall_turns(scene, rng, form: str = "pairs") -> list:
     star?" -> "blue" (every question of the sample a lookup by shape). With form "all" the sample asks
     every lookup the generator's questions name an object by: the colour of each unique shape, the shape
     of each unique colour ("What shape is the red object?") and the digit on each marked object named by
-    colour and shape ("What digit is on the red star?"), in a random order; empty when there is none.
+    colour and shape ("What digit is on the red star?"), in a random order; empty when there is none. Form
+    "every" adds every location question (`data_v2.location_questions`) and the colour of each object
+    beside a named one ("What color is the object left of the red star?", `data_v2.neighbours`).
 
     Why: a small language model trained from scratch on "What color is the star?" after the image did not
     learn to find the star's patches (weights/tiny-vlm-v2-wip/diagnostics). When the colour is the token
@@ -695,14 +698,19 @@ def recall_turns(scene, rng, form: str = "pairs") -> list:
 
     counts = Counter(o.shape for o in scene.objects)
     pairs = [(o.shape, o.color) for o in scene.objects if counts[o.shape] == 1]
-    if form == "all":
-        from .data_v2 import _unique  # the objects named by colour and shape, as the digit questions name them
+    if form in ("all", "every"):
+        from .data_v2 import _unique, location_questions, neighbours
 
+        named = _unique(scene.objects)  # the objects named by colour and shape, as the digit questions name them
         colours = Counter(o.color for o in scene.objects)
         turns = [(f"What color is the {shape}?", color) for shape, color in pairs]
         turns += [(f"What shape is the {o.color} object?", o.shape) for o in scene.objects if colours[o.color] == 1]
-        turns += [(f"What digit is on the {o.color} {o.shape}?", o.mark) for o in _unique(scene.objects)
+        turns += [(f"What digit is on the {o.color} {o.shape}?", o.mark) for o in named
                   if getattr(o, "mark", None) is not None]
+        if form == "every":
+            turns += [(q.text, q.answer) for q in location_questions(named)]
+            turns += [(f"What color is the object {direction} the {anchor.color} {anchor.shape}?", other.color)
+                      for anchor, direction, other in neighbours(scene.objects, named)]
         return [turns[i] for i in rng.permutation(len(turns))]
     if not pairs:
         return []
