@@ -2,7 +2,7 @@
 first training scenes that lies in one half (`data._side`), the mean over the object's patches of (a) the
 cached tower features and (b) the model's projector output on them; a logistic regression on the
 objects of the first 4,000 training scenes predicts left/right and top/bottom, fitted on the first 75%
-of them (in scene order) and scored on the rest.
+of them (in scene order) and scored on the rest; then the same with one hidden layer (`mlp_probe`).
 
     python weights/tiny-vlm-v2-wip/diagnostics/side_probe.py MODEL_FOLDER FEATURE_CACHE.npy"""
 
@@ -58,10 +58,24 @@ def probe(x, y, train):
         return float((((x[train:] @ w + b) > 0).float() == y[train:]).float().mean())
 
 
+def mlp_probe(x, y, train, steps=600):
+    """The same with one hidden layer of 256 (Adam, full batch): is the side there, if not linearly?"""
+    x = (x - x[:train].mean(0)) / (x[:train].std(0) + 1e-6)
+    net = torch.nn.Sequential(torch.nn.Linear(x.shape[1], 256), torch.nn.GELU(), torch.nn.Linear(256, 1))
+    optimiser = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    for _ in range(steps):
+        optimiser.zero_grad()
+        torch.nn.functional.binary_cross_entropy_with_logits(net(x[:train]).squeeze(1), y[:train]).backward()
+        optimiser.step()
+    with torch.no_grad():
+        return float(((net(x[train:]).squeeze(1) > 0).float() == y[train:]).float().mean())
+
+
 for axis, name in (("x", "left/right"), ("y", "top/bottom")):
     tower, projected, label = (torch.stack(rows[axis][0]), torch.stack(rows[axis][1]), torch.tensor(rows[axis][2]))
     train = int(0.75 * len(label))
     majority = max(label[train:].mean(), 1 - label[train:].mean())
     print(f"{name}: {len(label)} objects, held-out accuracy from the tower's features "
           f"{probe(tower, label, train):.3f}, from the projector's output {probe(projected, label, train):.3f} "
-          f"(majority {majority:.3f})")
+          f"(majority {majority:.3f}); with a hidden layer {mlp_probe(tower, label, train):.3f} and "
+          f"{mlp_probe(projected, label, train):.3f}")
