@@ -188,7 +188,8 @@ def test_recall_steps_name_each_unique_shape_with_its_colour(v2_data, tmp_path):
             for axis, low, high, where in (("x", "left", "right", "on the left or the right"),
                                            ("y", "top", "bottom", "at the top or the bottom")):
                 centre = o.x if axis == "x" else o.y
-                side = low if centre + o.size / 2 < 168 else high if centre - o.size / 2 > 168 else None
+                middle = data_v2.IMAGE_SIZE / 2
+                side = low if centre + o.size / 2 < middle else high if centre - o.size / 2 > middle else None
                 if side:
                     expected.append((f"Is the {o.color} {o.shape} {where}?", side))
         for anchor in named:

@@ -85,9 +85,9 @@ from .data import (CAPTION_PROMPT, CAPTION_TYPE, COLORS, IMAGE_SIZE, PATCH_SIZE,
 __all__ = ["VERSION", "IMAGE_SIZE", "PATCH_SIZE", "COLORS", "SHAPES", "MARKABLE_SHAPES", "DIGITS", "SPLITS",
            "MIN_OBJECTS", "MAX_OBJECTS", "QUESTION_TYPES", "CAPTION_TYPE", "CAPTION_PROMPT", "SceneObject", "Scene",
            "Question", "sample_scene", "render", "patch_labels", "mark_patches", "mark_centre", "mark_ink", "mark_box",
-           "glyph", "relation", "location_questions", "neighbours", "make_questions", "caption", "caption_record",
-           "vocabulary", "generate",
-           "write_split", "write_captions", "image_digest", "plural", "split_words", "image_first"]
+           "glyph", "relation", "location_questions", "neighbours", "neighbour_question", "make_questions",
+           "caption", "caption_record", "vocabulary", "generate", "write_split", "write_captions", "image_digest",
+           "plural", "split_words", "image_first"]
 
 VERSION = 2
 SHAPES = v1.SHAPES + ("star", "ring")
@@ -380,6 +380,12 @@ def neighbours(objects: Sequence[SceneObject], named: Sequence[SceneObject]) -> 
     return options
 
 
+def neighbour_question(anchor: SceneObject, direction: str, other: SceneObject) -> Question:
+    """The colour form of a relation question about one of `neighbours`' options."""
+    return Question("relation", f"What color is the object {direction} the {anchor.color} {anchor.shape}?",
+                    other.color)
+
+
 def _question_of_type(kind: str, scene: Scene, rng: np.random.Generator) -> Optional[Question]:
     objects = scene.objects
     named = _unique(objects)
@@ -401,10 +407,8 @@ def _question_of_type(kind: str, scene: Scene, rng: np.random.Generator) -> Opti
         if rng.random() < 0.5:  # the colour of the one object beside a named one
             options = neighbours(objects, named)
             if options:
-                anchor, direction, other = _balanced(options, lambda option: option[2].color, rng,
-                                                     collections.Counter(o.color for o in objects))
-                return Question(kind, f"What color is the object {direction} the {anchor.color} {anchor.shape}?",
-                                other.color)
+                return neighbour_question(*_balanced(options, lambda option: option[2].color, rng,
+                                                     collections.Counter(o.color for o in objects)))
         pairs = [(a, b, relation(a, b)) for a in named for b in named if a is not b and relation(a, b)]
         if not pairs:
             return None

@@ -699,7 +699,7 @@ def recall_turns(scene, rng, form: str = "pairs") -> list:
     counts = Counter(o.shape for o in scene.objects)
     pairs = [(o.shape, o.color) for o in scene.objects if counts[o.shape] == 1]
     if form in ("all", "every"):
-        from .data_v2 import _unique, location_questions, neighbours
+        from .data_v2 import _unique, location_questions, neighbour_question, neighbours
 
         named = _unique(scene.objects)  # the objects named by colour and shape, as the digit questions name them
         colours = Counter(o.color for o in scene.objects)
@@ -708,9 +708,8 @@ def recall_turns(scene, rng, form: str = "pairs") -> list:
         turns += [(f"What digit is on the {o.color} {o.shape}?", o.mark) for o in named
                   if getattr(o, "mark", None) is not None]
         if form == "every":
-            turns += [(q.text, q.answer) for q in location_questions(named)]
-            turns += [(f"What color is the object {direction} the {anchor.color} {anchor.shape}?", other.color)
-                      for anchor, direction, other in neighbours(scene.objects, named)]
+            spatial = location_questions(named) + [neighbour_question(*o) for o in neighbours(scene.objects, named)]
+            turns += [(q.text, q.answer) for q in spatial]
         return [turns[i] for i in rng.permutation(len(turns))]
     if not pairs:
         return []
