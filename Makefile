@@ -68,12 +68,14 @@ test-transformers-floor: $(STAMP)
 # system's packages (no pip of its own, nothing installed from the network; when GPU_PYTHON is itself a
 # virtual or conda environment, which a nested venv would not see, that environment is used directly) gets
 # the package installed editable with its CUDA kernels, built for this GPU's compute capability only
-# (AUTOSELECT_CUDA_ARCHS overrides) with MAX_JOBS = all cores. Then: the GPU tests (GPU_TESTS: every test
-# marked gpu; GPU_TESTS=tests for the whole suite), compute-sanitizer memcheck and racecheck on the small
-# cases of tests/test_gpu.py (where compute-sanitizer is found: PATH, CUDA_HOME, /usr/local/cuda), and
-# benchmarks/bench_gpu.py (rows appended to GPU_RESULTS/<op>.csv; GPU_BENCH=0 skips it). Every step runs
-# under a timeout, and all of them within GPU_BUDGET_S seconds (a step gets at most what is left); a failed
-# step does not stop the later ones, and make gpu fails at the end if any did.
+# (AUTOSELECT_CUDA_ARCHS overrides) with MAX_JOBS = all cores (the build's log in build/gpu-build.log; its
+# link command and the extension's NEEDED libraries are printed, and the extension must use the shared
+# libstdc++: tests/test_build.py::test_extension_uses_the_shared_libstdcxx). Then: the GPU tests
+# (GPU_TESTS: every test marked gpu; GPU_TESTS=tests for the whole suite), compute-sanitizer memcheck and
+# racecheck on the small cases of tests/test_gpu.py (where compute-sanitizer is found: PATH, CUDA_HOME,
+# /usr/local/cuda), and benchmarks/bench_gpu.py (rows appended to GPU_RESULTS/<op>.csv; GPU_BENCH=0 skips
+# it). Every step runs under a timeout, and all of them within GPU_BUDGET_S seconds (a step gets at most
+# what is left); a failed step does not stop the later ones, and make gpu fails at the end if any did.
 GPU_PYTHON ?= python3
 GPU_BUDGET_S ?= 540
 GPU_VENV ?= build/gpu-venv
@@ -93,9 +95,13 @@ gpu:
 	archs=$${AUTOSELECT_CUDA_ARCHS:-$$($$py -c "import torch; print('%d%d' % torch.cuda.get_device_capability())")}; \
 	echo "== build (CUDA archs $$archs, MAX_JOBS=$${MAX_JOBS:-$$(nproc)})"; \
 	command -v ninja >/dev/null || $$py -c "import ninja" 2>/dev/null || echo "warning: no ninja: torch compiles the sources one at a time"; \
-	AUTOSELECT_CUDA_ARCHS=$$archs MAX_JOBS=$${MAX_JOBS:-$$(nproc)} timeout $$(cap 360) \
-	  $$py -m pip install --no-build-isolation --no-deps --no-index -q -e . \
-	  || { echo "make gpu: the build failed (it needs pip, setuptools>=70.1 or wheel, and ninja for a parallel build)"; exit 1; }; \
+	echo "   LDSHARED=$$($$py -c "import sysconfig; print(sysconfig.get_config_var('LDSHARED'))") CXX=$${CXX:-} LDFLAGS=$${LDFLAGS:-}"; \
+	mkdir -p build; AUTOSELECT_CUDA_ARCHS=$$archs MAX_JOBS=$${MAX_JOBS:-$$(nproc)} timeout $$(cap 360) \
+	  $$py -m pip install --no-build-isolation --no-deps --no-index -v -e . > build/gpu-build.log 2>&1 \
+	  || { tail -40 build/gpu-build.log; echo "make gpu: the build failed (it needs pip, setuptools>=70.1 or wheel, and ninja for a parallel build; log: build/gpu-build.log)"; exit 1; }; \
+	echo "== link command (build/gpu-build.log):"; grep -E -e "-shared .*-o [^ ]*autoselect/_C" build/gpu-build.log | tail -1 | cut -c1-1500; \
+	readelf -d autoselect/_C*.so | grep NEEDED | sed 's/^ */   /'; \
+	$$py -m pytest -q -p no:cacheprovider tests/test_build.py -k libstdcxx || fail="$$fail linkage"; \
 	$$py -m autoselect info || exit 1; \
 	echo "== GPU tests: pytest $(GPU_TESTS)"; \
 	timeout $$(cap 240) $$py -m pytest $(GPU_TESTS) -q -p no:cacheprovider --durations=10 || fail="$$fail tests"; \

@@ -198,7 +198,8 @@ def build_parser():
     info.set_defaults(func=cmd_info)
     bench = sub.add_parser("bench", help="benchmark the ops against eager PyTorch")
     bench.add_argument("--op", action="append", help="op to benchmark (repeatable; default: all)")
-    bench.add_argument("--shape", action="append", help="B,N,D (repeatable); diag_attention: B,N,H,d,M; select: B,N,D,K")
+    bench.add_argument("--shape", action="append", help="B,N,D (repeatable); diag_attention: B,N,H,d,M; "
+                       "select: B,N,D,K; prefill: hidden,layers,text,image[,batch]")
     bench.add_argument("--dtype", type=_parse_dtype, help="fp32, fp16 or bf16 (default: fp32 on CPU, bf16 on GPU)")
     bench.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     bench.add_argument("--repeats", type=int, default=20, help="timed repeats per case on the CPU")

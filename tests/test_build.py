@@ -67,6 +67,26 @@ def test_extension_loads_and_reports_build():
     assert info["cuda"] == (torch.version.cuda is not None and info["cuda_archs"] != "")
 
 
+def test_extension_uses_the_shared_libstdcxx():
+    """The extension must call the process's libstdc++, not carry a copy of it. On the H100 machine
+    (torch 2.11+cu130, g++ 13; benchmarks/results/gpu-2026-11-26b/README.md) the built .so listed no
+    libstdc++.so.6 among its NEEDED libraries and defined libstdc++'s own code (std::codecvt<char16_t>
+    and num_put members): formatting an integer in a TORCH_CHECK message jumped from the ostream call
+    into that copy and crashed (a segmentation fault on any bad direct call of torch.ops.autoselect_C.*).
+    This fails on such a build instead of crashing later."""
+    import autoselect._C as compiled
+
+    readelf, nm = shutil.which("readelf"), shutil.which("nm")
+    assert readelf and nm, "binutils (readelf, nm) are needed to inspect the extension's linkage"
+    path = compiled.__file__
+    needed = [line.split("[")[-1].rstrip("]") for line in subprocess.run(
+        [readelf, "-d", path], capture_output=True, text=True, check=True).stdout.splitlines() if "(NEEDED)" in line]
+    assert any(name.startswith("libstdc++.so") for name in needed), f"{path}: no libstdc++ in NEEDED {needed}"
+    defined = subprocess.run([nm, "-DC", "--defined-only", path], capture_output=True, text=True, check=True).stdout
+    copied = [line for line in defined.splitlines() if "codecvt<char16_t" in line or "std::locale::" in line]
+    assert not copied, f"{path} defines libstdc++'s own code: {copied[:3]}"
+
+
 @pytest.fixture(scope="session")
 def non_x86_compiles():
     """The C++ sources compiled by the host g++ on the branch that other architectures take: the guard

@@ -7,25 +7,26 @@ baseline, plus the sequence pruning), against the unpatched model. The vision to
 run the same for every row and are left out: the image features are passed pre-encoded
 (`mm_encoder_outputs`), as `generate` itself does. Random weights (speed does not depend on them).
 
-Shapes (`hidden,layers,text,image`): on a GPU the real LLaVA-1.5-7B language model (4096 wide,
-32 layers, 32 heads, MLP 11008, vocab 32000) in bf16; on the CPU a reduced width (1024, 8 layers,
-16 heads, MLP 2752) in fp32. KV cache size = 2 (K, V) x layers x hidden x cached tokens x bytes.
+Shapes (`hidden,layers,text,image[,batch]`, batch 1 by default): on a GPU the real LLaVA-1.5-7B
+language model (4096 wide, 32 layers, 32 heads, MLP 11008, vocab 32000) in bf16; on the CPU a reduced
+width (1024, 8 layers, 16 heads, MLP 2752) in fp32. KV cache size = 2 (K, V) x layers x hidden x cached tokens x bytes.
 """
 
 import torch
 
 from ._timing import device_name, measure, today, versions
 
-SHAPE_FIELDS = ("hidden", "layers", "text", "image")
+SHAPE_FIELDS = ("hidden", "layers", "text", "image", "batch")
 DEFAULT_SHAPES = {"cpu": ["1024,8,64,576"], "cuda": ["4096,32,64,576"]}
 KEEPS = (192, 128, 64)
 IMAGE_TOKEN = 31999
 
 
 def parse_shape(text: str) -> dict:
+    """hidden,layers,text,image[,batch] (batch 1 when left out) as run()'s keyword arguments."""
     values = [int(v) for v in text.split(",")]
-    if len(values) != len(SHAPE_FIELDS):
-        raise ValueError(f"prefill shapes are {','.join(SHAPE_FIELDS)}, got {text!r}")
+    if len(values) not in (len(SHAPE_FIELDS) - 1, len(SHAPE_FIELDS)) or min(values) < 1:
+        raise ValueError(f"prefill shapes are {','.join(SHAPE_FIELDS)} (batch optional, all positive), got {text!r}")
     return dict(zip(SHAPE_FIELDS, values))
 
 
