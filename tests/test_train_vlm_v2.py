@@ -290,3 +290,59 @@ def test_feature_cache_gives_stage2_the_towers_features(v2_data, tmp_path):
         torch.from_numpy(again[:1].astype("float32")), torch.from_numpy(cached.cache[:1].astype("float32")))
     with pytest.raises(SystemExit):
         train_vlm.main(args + ["--feature-cache", str(tmp_path / "cache"), "--tower-lr", "1e-4"])
+
+
+def test_position_loss_reads_each_token_place_from_the_projector(v2_data, tmp_path):
+    """--position-loss: PositionHead's targets are each patch's (column, row) in CLIP's row-major order,
+    scaled to [-1, 1]; stage 2's loss gains weight x the head's error on the projected cached features
+    (and its gradient reaches the projector); the option needs --feature-cache."""
+    config = vlm.build_model(seed=0, tokenizer=vlm.build_processor(version=2).tokenizer, version=2, **TINY).config
+    head = train_vlm.PositionHead(config)
+    side = config.vision_config.image_size // config.vision_config.patch_size
+    target = head.target
+    assert target.shape == (side * side, 2)
+    assert target[0].tolist() == [-1.0, -1.0] and target[side - 1].tolist() == [1.0, -1.0]  # the first row
+    assert target[side].tolist() == [-1.0, pytest.approx(-1 + 2 / (side - 1))]  # the second row's first patch
+    # features that hold (column, row) in two channels: read exactly as laid out, wrong when transposed
+    with torch.no_grad():
+        head.linear.weight.zero_()
+        head.linear.bias.zero_()
+        head.linear.weight[0, 0] = head.linear.weight[1, 1] = 1.0
+    features = torch.zeros(2, side * side, config.text_config.hidden_size)
+    features[..., :2] = target
+    assert float(head.loss(features).detach()) < 1e-10
+    transposed = features.clone()
+    transposed[..., :2] = target.flip(1)
+    assert float(head.loss(transposed).detach()) > 0.3
+    with pytest.raises(ValueError, match="tokens an image"):
+        head.loss(features[:, :-1])
+
+    args = ["--data", str(v2_data), "--vision-steps", "0", "--steps", "4", "--batch-size", "2", "--turns", "2",
+            "--caption-fraction", "0", "--feature-cache", str(tmp_path / "cache"), *TINY_ARGS]
+    parser = train_vlm.build_parser()
+    runs = {}
+    for weight in (0.0, 2.0):
+        run = train_vlm.setup(train_vlm.resolve_defaults(parser.parse_args(
+            args + ["--out", str(tmp_path / f"run{weight}"), "--position-loss", str(weight)])))
+        paths = [path for path, _ in run.train_groups]
+        run.cache = train_vlm.build_feature_cache(run.model, run.processor, str(v2_data), paths,
+                                                  str(tmp_path / "cache"), progress=False)
+        run.cache_rows = {path: row for row, path in enumerate(paths)}
+        if weight:
+            run.position_head = train_vlm.PositionHead(run.model.config)
+        runs[weight] = run
+    state = random.getstate()
+    plain = train_vlm.stage2_loss(runs[0.0], 1, 1.0)
+    random.setstate(state)
+    weighted = train_vlm.stage2_loss(runs[2.0], 1, 1.0)
+    run = runs[2.0]
+    picked = [run.train_groups[i][0] for i in run.order[:2]]
+    cached = torch.from_numpy(run.cache[[run.cache_rows[p] for p in picked]].astype("float32"))
+    expected = float(plain) + 2.0 * float(run.position_head.loss(run.model.model.multi_modal_projector(cached)))
+    assert abs(float(weighted) - expected) < 1e-4, (float(weighted), expected)
+    weighted.backward()
+    assert run.position_head.linear.weight.grad.abs().sum() > 0
+    assert run.model.model.multi_modal_projector.linear_1.weight.grad.abs().sum() > 0
+    with pytest.raises(SystemExit):
+        train_vlm.main(["--data", str(v2_data), "--out", str(tmp_path / "bad"), "--vision-steps", "0",
+                        "--position-loss", "1", *TINY_ARGS])

@@ -144,6 +144,30 @@ class PatchHeads(torch.nn.Module):
         return {name: getattr(self, name)(features) for name in self.names}
 
 
+class PositionHead(torch.nn.Module):
+    """Stage 2's auxiliary reader of a token's place (--position-loss): a linear map of each projected
+    image token to its patch's (column, row), both scaled to [-1, 1], trained by mean squared error. The
+    language model must tell an object's side (location and relation questions) from its tokens; the
+    projector, trained by the answer loss alone, kept little of the side that the tower's features hold
+    (weights/tiny-vlm-v2-wip/diagnostics/side_probe.txt). This loss makes the side a linear read-out of
+    the language model's input. The head is discarded: the saved model is a plain LLaVA (and the resume
+    checkpoint does not hold it either: a resumed run starts a fresh head)."""
+
+    def __init__(self, config):
+        super().__init__()
+        side = config.vision_config.image_size // config.vision_config.patch_size
+        self.linear = torch.nn.Linear(config.text_config.hidden_size, 2)
+        grid = torch.arange(side, dtype=torch.float32) / max(side - 1, 1) * 2 - 1
+        rows, columns = torch.meshgrid(grid, grid, indexing="ij")  # patches in row-major order, as CLIP's
+        self.register_buffer("target", torch.stack([columns.flatten(), rows.flatten()], 1), persistent=False)
+
+    def loss(self, features):
+        """Mean squared error of the (column, row) read from `features` (batch, side * side, hidden)."""
+        if features.shape[1] != self.target.shape[0]:
+            raise ValueError(f"PositionHead: expected {self.target.shape[0]} tokens an image, got {features.shape[1]}")
+        return torch.nn.functional.mse_loss(self.linear(features), self.target.expand(features.shape[0], -1, -1))
+
+
 def patch_targets(scenes, version: int = 1):
     """Stage 1 labels of each scene's 576 patches (see PatchHeads), stacked: {name: (B, 576) long}."""
     source = vlm.data_module(version)
@@ -478,6 +502,9 @@ def build_parser():
                         help="the recall turns' form: one turn 'star blue ring red' (pairs), one colour question per "
                              "unique shape (questions), those and every shape and digit lookup (all), or all's and "
                              "every location and neighbour-colour question (every)")
+    parser.add_argument("--position-loss", type=float, default=0.0,
+                        help="stage 2 (with --feature-cache): weight of an auxiliary loss that makes the projector's "
+                        "output keep each token's place in the image (position_loss; 0: off)")
     parser.add_argument("--recall-steps", type=int, default=0,
                         help="stage 2: the first N steps replace the questions by one recall turn: every object whose "
                              "shape is unique in the scene as its shape's name and its colour ('star blue ring red'), "
@@ -520,6 +547,8 @@ def main(argv=None):
     """Stage 1 (unless --vision-steps 0), then stage 2 with validation every --eval-every steps; returns 0."""
     parser = build_parser()
     args = resolve_defaults(parser.parse_args(argv))
+    if args.position_loss > 0 and not args.feature_cache:
+        parser.error("--position-loss needs --feature-cache (it reads every token's projected features)")
     if args.feature_cache and args.tower_lr > 0:
         parser.error("--feature-cache holds a frozen tower's features: it cannot be used with --tower-lr > 0")
     if args.sizes is not None and not isinstance(args.sizes, dict):
@@ -546,6 +575,8 @@ def main(argv=None):
         paths = [path for path, _ in run.train_groups]
         run.cache = build_feature_cache(run.model, run.processor, args.data, paths, args.feature_cache)
         run.cache_rows = {path: row for row, path in enumerate(paths)}
+    if args.position_loss > 0:
+        run.position_head = PositionHead(run.model.config)
     trainer = stage2_trainer(run)
     generators = {"curriculum": run.token_generator}
     if run.resume:
@@ -572,8 +603,9 @@ def main(argv=None):
         if step % args.eval_every == 0 or step == args.steps or stop:
             validate(run, trainer, step, minutes)
         elif step % 50 == 0:
+            extra = {"position_loss": round(run.position_running, 4)} if run.position_head is not None else {}
             run.write({"event": "train", "step": step, "minutes": round(minutes, 2), "loss": round(trainer.running, 4),
-                       "background_fraction": round(fraction, 3)})
+                       "background_fraction": round(fraction, 3), **extra})
         if stop or step == args.steps or (args.checkpoint_every and step % args.checkpoint_every == 0):
             checkpoint(step)
         if stop:
@@ -644,7 +676,8 @@ def setup(args) -> _Run:
                 train_groups=train_groups, val_records=val_records,
                 train_scenes=dict(load_scenes(args.data, "train", args.version)), captions=captions,
                 token_generator=torch.Generator().manual_seed(args.seed), write=write, start=time.time(),
-                minutes_before=0.0, order=[], cursor=0, resume=resume, cache=None, cache_rows={})
+                minutes_before=0.0, order=[], cursor=0, resume=resume, cache=None, cache_rows={}, position_head=None,
+                position_running=0.0)
 
 
 def stage2_trainer(run: _Run) -> Trainer:
@@ -655,6 +688,8 @@ def stage2_trainer(run: _Run) -> Trainer:
     tower_parameters = list(model.model.vision_tower.parameters())
     groups = [{"params": [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")],
                "lr": args.lr}]
+    if run.position_head is not None:  # trained with the projector, never saved with the model
+        groups.append({"params": list(run.position_head.parameters()), "lr": args.lr})
     if args.tower_lr > 0:
         groups.append({"params": tower_parameters, "lr": args.tower_lr})
     else:
@@ -788,16 +823,21 @@ def stage2_loss(run: _Run, step: int, fraction: float):
                                        for turns, s in zip(conversations, shown)])
             cached = torch.from_numpy(run.cache[[run.cache_rows[path] for path in paths]].astype("float32"))
             features = model.model.multi_modal_projector(cached)
+            if run.position_head is not None:
+                position = run.position_head.loss(features)
+                run.position_running = 0.98 * run.position_running + 0.02 * position.item() \
+                    if run.position_running else position.item()
         else:
             inputs = run.collator.batch(images, conversations, [len(s) for s in shown])
             features = model.model.get_image_features(pixel_values=inputs.pop("pixel_values"), return_dict=True)
             features = features.pooler_output if hasattr(features, "pooler_output") else features
         features = [f[s] for f, s in zip(features, shown)]
         extra = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
+    auxiliary = run.args.position_loss * position if run.position_head is not None and run.cache is not None else 0.0
     if not per_sample:
-        return model(**inputs, **extra).loss
+        return model(**inputs, **extra).loss + auxiliary
     labels = inputs.pop("labels")
-    return per_sample_loss(model(**inputs, **extra).logits, labels)
+    return per_sample_loss(model(**inputs, **extra).logits, labels) + auxiliary
 
 
 def validate(run: _Run, trainer: Trainer, step: int, minutes: float):
