@@ -200,6 +200,18 @@ def test_recall_steps_name_each_unique_shape_with_its_colour(v2_data, tmp_path):
                                      near[0].color))
         every = train_vlm.recall_turns(scene, np.random.default_rng(0), "every")
         assert sorted(every) == sorted(expected)
+        # --recall-as every+shape: also the side of each unique shape, named by its shape alone
+        for o in scene.objects:
+            if shapes.count(o.shape) == 1:
+                middle = data_v2.IMAGE_SIZE / 2
+                for axis, low, high, where in (("x", "left", "right", "on the left or the right"),
+                                               ("y", "top", "bottom", "at the top or the bottom")):
+                    centre = o.x if axis == "x" else o.y
+                    side = low if centre + o.size / 2 < middle else high if centre - o.size / 2 > middle else None
+                    if side:
+                        expected.append((f"Is the {o.shape} {where}?", side))
+                        spatial += 1
+        assert sorted(train_vlm.recall_turns(scene, np.random.default_rng(0), "every+shape")) == sorted(expected)
         spatial += sum(q.startswith(("Is the", "What color is the object")) for q, _ in every)
     marks = [q for scene in run.train_scenes.values()
              for q, _ in train_vlm.recall_turns(scene, np.random.default_rng(0), "all") if q.startswith("What digit")]

@@ -353,9 +353,11 @@ def _balanced(options: Sequence, answer, rng: np.random.Generator, counts):
     return matching[rng.integers(len(matching))]
 
 
-def location_questions(named: Sequence[SceneObject]) -> List[Question]:
+def location_questions(named: Sequence[SceneObject], by_shape: bool = False) -> List[Question]:
     """Every location question about the named objects (`_unique`): one per object and axis on which it
-    lies in one half ("Is the red star on the left or the right?" -> "left"), objects in order, x before y."""
+    lies in one half ("Is the red star on the left or the right?" -> "left"), objects in order, x before y.
+    by_shape: name each object by its shape alone ("Is the star on the left or the right?"; for objects
+    whose shape is unique in the scene, which the caller picks)."""
     questions = []
     for obj in named:
         for axis in ("x", "y"):
@@ -363,7 +365,8 @@ def location_questions(named: Sequence[SceneObject]) -> List[Question]:
             if side is None:
                 continue
             where = "on the left or the right" if axis == "x" else "at the top or the bottom"
-            questions.append(Question("location", f"Is the {obj.color} {obj.shape} {where}?", side))
+            name = obj.shape if by_shape else f"{obj.color} {obj.shape}"
+            questions.append(Question("location", f"Is the {name} {where}?", side))
     return questions
 
 

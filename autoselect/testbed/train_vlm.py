@@ -498,10 +498,12 @@ def build_parser():
     parser.add_argument("--recall-fraction", type=float, default=0.0,
                         help="stage 2: after --recall-steps, the probability that a sample is its recall turn "
                              "instead of questions (keeps the lookup trained; 0: off)")
-    parser.add_argument("--recall-as", choices=("pairs", "questions", "all", "every"), default="pairs",
+    parser.add_argument("--recall-as", choices=("pairs", "questions", "all", "every", "every+shape"),
+                        default="pairs",
                         help="the recall turns' form: one turn 'star blue ring red' (pairs), one colour question per "
                              "unique shape (questions), those and every shape and digit lookup (all), or all's and "
-                             "every location and neighbour-colour question (every)")
+                             "every location and neighbour-colour question (every), and every's with the side of "
+                             "each unique shape named by its shape alone (every+shape)")
     parser.add_argument("--position-loss", type=float, default=0.0,
                         help="stage 2 (with --feature-cache): weight of an auxiliary loss that makes the projector's "
                         "output keep each token's place in the image (position_loss; 0: off)")
@@ -722,7 +724,10 @@ def recall_turns(scene, rng, form: str = "pairs") -> list:
     of each unique colour ("What shape is the red object?") and the digit on each marked object named by
     colour and shape ("What digit is on the red star?"), in a random order; empty when there is none. Form
     "every" adds every location question (`data_v2.location_questions`) and the colour of each object
-    beside a named one ("What color is the object left of the red star?", `data_v2.neighbours`).
+    beside a named one ("What color is the object left of the red star?", `data_v2.neighbours`). Form
+    "every+shape" adds the location questions of each object whose shape is unique, named by its shape
+    alone ("Is the star on the left or the right?"): the lookup by shape that colour questions teach,
+    with the side to read instead of the colour.
 
     Why: a small language model trained from scratch on "What color is the star?" after the image did not
     learn to find the star's patches (weights/tiny-vlm-v2-wip/diagnostics). When the colour is the token
@@ -733,7 +738,7 @@ def recall_turns(scene, rng, form: str = "pairs") -> list:
 
     counts = Counter(o.shape for o in scene.objects)
     pairs = [(o.shape, o.color) for o in scene.objects if counts[o.shape] == 1]
-    if form in ("all", "every"):
+    if form in ("all", "every", "every+shape"):
         from .data_v2 import _unique, location_questions, neighbour_question, neighbours
 
         named = _unique(scene.objects)  # the objects named by colour and shape, as the digit questions name them
@@ -742,8 +747,10 @@ def recall_turns(scene, rng, form: str = "pairs") -> list:
         turns += [(f"What shape is the {o.color} object?", o.shape) for o in scene.objects if colours[o.color] == 1]
         turns += [(f"What digit is on the {o.color} {o.shape}?", o.mark) for o in named
                   if getattr(o, "mark", None) is not None]
-        if form == "every":
+        if form in ("every", "every+shape"):
             spatial = location_questions(named) + [neighbour_question(*o) for o in neighbours(scene.objects, named)]
+            if form == "every+shape":
+                spatial += location_questions([o for o in scene.objects if counts[o.shape] == 1], by_shape=True)
             turns += [(q.text, q.answer) for q in spatial]
         return [turns[i] for i in rng.permutation(len(turns))]
     if not pairs:
