@@ -1,4 +1,5 @@
 #!/bin/bash
+# (the run itself used a copy of that segv.py in this folder, since removed as a duplicate)
 # second GPU session: make gpu (build, GPU tests incl. the fp16 d=128 fix, sanitizers, kernel benchmarks),
 # the TORCH_CHECK segfault's diagnostics, prefill at batch 1 and 8 with ceiling rows, the whole suite (xdist)
 set -u
@@ -18,9 +19,9 @@ so=$(ls autoselect/_C*.so | head -1)
   echo "== nm -DC (undefined) | _M_insert"; nm -DC --undefined-only $so | grep -E "_M_insert" | head
   echo "== readelf -d"; readelf -d $so | grep -E "NEEDED|RPATH|RUNPATH"
   echo "== libstdc++/libgomp mapped after import torch + extension"; $py -c "import torch, autoselect; autoselect._ext.extension(); print(open('/proc/self/maps').read())" | awk '{print $6}' | grep -E "stdc|gomp|gcc_s" | sort -u
-  echo "== LD_DEBUG bindings of _M_insert"; LD_DEBUG=bindings timeout 60 $py $D/segv.py 2>&1 | grep -E "_M_insertIl|_M_insertIm|_M_insertId" | head -8
-  echo "== LD_BIND_NOW=1"; LD_BIND_NOW=1 timeout 60 $py $D/segv.py 2>&1 | tail -3
-  echo "== cuda-gdb: frames 0-3, pc"; timeout 90 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex "bt 4" -ex "info symbol \$pc" -ex "x/4i \$pc" --args $py $D/segv.py 2>&1 | grep -v "^\[New Thread\|^\[Thread\|^warning" | tail -14
+  echo "== LD_DEBUG bindings of _M_insert"; LD_DEBUG=bindings timeout 60 $py benchmarks/results/gpu-2026-11-26/segv.py 2>&1 | grep -E "_M_insertIl|_M_insertIm|_M_insertId" | head -8
+  echo "== LD_BIND_NOW=1"; LD_BIND_NOW=1 timeout 60 $py benchmarks/results/gpu-2026-11-26/segv.py 2>&1 | tail -3
+  echo "== cuda-gdb: frames 0-3, pc"; timeout 90 cuda-gdb -q -batch -ex "set pagination off" -ex run -ex "bt 4" -ex "info symbol \$pc" -ex "x/4i \$pc" --args $py benchmarks/results/gpu-2026-11-26/segv.py 2>&1 | grep -v "^\[New Thread\|^\[Thread\|^warning" | tail -14
   echo "== fmt variants"; timeout 150 $py $D/fmt_variants.py; } > $OUT/segv.log 2>&1
 echo "== segv diagnostics done at $(el) s"; cat $OUT/segv.log | cut -c1-300 | head -60
 timeout 150 $py -m autoselect bench --op prefill --device cuda --repeats 10 --shape 4096,32,64,576,1 --shape 4096,32,64,576,8 \
