@@ -820,6 +820,7 @@ def stage2_loss(run: _Run, step: int, fraction: float):
 
     images, conversations, paths = stage2_batch(run, step)
     model, per_sample = run.model, run.args.loss_average == "samples"
+    auxiliary = 0.0  # --position-loss's term (with --feature-cache only)
     if run.cache is None and fraction >= 1.0:
         inputs, extra = run.collator.batch(images, conversations), {}
     else:  # the curriculum's tokens, or every token with --feature-cache: features computed here
@@ -834,13 +835,13 @@ def stage2_loss(run: _Run, step: int, fraction: float):
                 position = run.position_head.loss(features)
                 run.position_running = 0.98 * run.position_running + 0.02 * position.item() \
                     if run.position_running else position.item()
+                auxiliary = run.args.position_loss * position
         else:
             inputs = run.collator.batch(images, conversations, [len(s) for s in shown])
             features = model.model.get_image_features(pixel_values=inputs.pop("pixel_values"), return_dict=True)
             features = features.pooler_output if hasattr(features, "pooler_output") else features
         features = [f[s] for f, s in zip(features, shown)]
         extra = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
-    auxiliary = run.args.position_loss * position if run.position_head is not None and run.cache is not None else 0.0
     if not per_sample:
         return model(**inputs, **extra).loss + auxiliary
     labels = inputs.pop("labels")
