@@ -358,3 +358,161 @@ def test_position_loss_reads_each_token_place_from_the_projector(v2_data, tmp_pa
     with pytest.raises(SystemExit):
         train_vlm.main(["--data", str(v2_data), "--out", str(tmp_path / "bad"), "--vision-steps", "0",
                         "--position-loss", "1", *TINY_ARGS])
+
+
+def test_lookup_target_is_the_named_objects_patches():
+    """lookup_target: the patches of the one object a location question names (by colour and shape, or by
+    shape alone), None for other questions and for a name that fits several objects."""
+    rng = np.random.default_rng(0)
+    checked = relations = 0
+    for _, scene, _ in data_v2.generate("val", 40, seed=3):
+        owner = data_v2.patch_labels(scene)
+        named = data_v2._unique(scene.objects)
+        for index, question in [(scene.objects.index(o), q) for o in named for q in data_v2.location_questions([o])]:
+            target = train_vlm.lookup_target(scene, vlm.image_question(question.text, 2))
+            if not (owner == index + 1).any():
+                assert target is None
+                continue
+            assert len(target) == 1 and target[0].dtype == bool and (target[0] == (owner == index + 1)).all()
+            assert train_vlm.lookup_target(scene, question.text, kinds=("relation",)) is None
+            checked += 1
+        shapes = [o.shape for o in scene.objects]
+        for index, obj in enumerate(scene.objects):
+            by_shape = train_vlm.lookup_target(scene, f"Is the {obj.shape} at the top or the bottom?")
+            if shapes.count(obj.shape) > 1:
+                assert by_shape is None  # the name fits several objects
+            elif (owner == index + 1).any():
+                assert (by_shape[0] == (owner == index + 1)).all()
+        # relation (--lookup-kinds relation): the object whose colour is asked; both objects of a yes/no question
+        for anchor, direction, other in data_v2.neighbours(scene.objects, named):
+            question = data_v2.neighbour_question(anchor, direction, other).text
+            target = train_vlm.lookup_target(scene, question, kinds=("location", "relation"))
+            if (owner == scene.objects.index(other) + 1).any():
+                assert len(target) == 1 and (target[0] == (owner == scene.objects.index(other) + 1)).all()
+                assert train_vlm.lookup_target(scene, question) is None  # location only by default
+                relations += 1
+        for a in named:
+            for b in named:
+                if a is not b and data_v2.relation(a, b):
+                    question = f"Is the {a.color} {a.shape} {data_v2.relation(a, b)} the {b.color} {b.shape}?"
+                    target = train_vlm.lookup_target(scene, question, kinds=("relation",))
+                    if target is not None:
+                        assert [(t == (owner == scene.objects.index(o) + 1)).all() for t, o in zip(target, (a, b))] \
+                            == [True, True] and len(target) == 2
+                        relations += 1
+        for question in data_v2.make_questions(scene, rng, 6):
+            if question.type not in ("location", "relation"):
+                assert train_vlm.lookup_target(scene, question.text, kinds=train_vlm.LOOKUP_KINDS) is None, \
+                    question.text
+    assert checked > 40 and relations > 20
+
+
+def test_lookup_loss_is_the_layers_attention_on_the_asked_object(v2_data, tmp_path):
+    """--lookup-loss: LookupProbe's attention from each location question's answer position equals the
+    layer's own attention weights (eager attention, left-padded rows of different lengths, a rotary base
+    that matters), summed over the asked object's image tokens; stage 2's loss gains weight x -log(mass)
+    and its gradient reaches the layers before."""
+    sizes = dict(TINY, text_layers=2, text_heads=2, rope_theta=100.0)
+    args = ["--data", str(v2_data), "--vision-steps", "0", "--steps", "4", "--batch-size", "3", "--turns", "8",
+            "--extra-questions", "24", "--recall-fraction", "1", "--recall-as", "every", "--caption-fraction", "0",
+            "--version", "2", "--sizes", json.dumps(sizes), "--threads", "1"]
+    parser = train_vlm.build_parser()
+    run = train_vlm.setup(train_vlm.resolve_defaults(parser.parse_args(args + ["--out", str(tmp_path / "a"),
+                                                                             "--lookup-loss", "0.5"])))
+    run.model.set_attn_implementation("eager")
+    with torch.no_grad():  # peaked attention (a fresh model's is near uniform), so that every detail shows
+        for layer in run.model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(30.0)
+            layer.self_attn.k_proj.weight.mul_(30.0)
+    images, conversations, paths = train_vlm.stage2_batch(run, 1)
+    inputs = run.collator.batch(images, conversations)
+    assert len({int(m.sum()) for m in inputs["attention_mask"]}) > 1  # rows of different lengths: padding
+    shown = [torch.arange(vlm.NUM_PATCHES)] * len(paths)
+    scenes = [run.train_scenes[p] for p in paths]
+    queries, targets = train_vlm.lookup_queries(conversations, inputs, shown, scenes, run.collator.image_token_id,
+                                                heads=2)
+    assert len(queries) >= 3 and targets.shape == (len(queries), 2, inputs["input_ids"].shape[1])
+    assert torch.equal(targets[:, 0], targets[:, 1])  # one object: every head on it
+    targets = targets[:, 0]
+    # each query position is the last prompt token before a location question's answer
+    for (row, position), mask in zip(queries, targets):
+        assert inputs["labels"][row, position] == train_vlm.IGNORE_INDEX != inputs["labels"][row, position + 1]
+        answer = run.processor.tokenizer.decode([int(inputs["input_ids"][row, position + 1])]).strip()
+        assert answer in ("left", "right", "top", "bottom")
+        assert mask.sum() > 0 and (inputs["input_ids"][row, mask] == run.collator.image_token_id).all()
+    probe = train_vlm.LookupProbe(run.model)
+    with torch.no_grad():
+        output = probe.run(run.model, {k: v for k, v in inputs.items() if k != "labels"},
+                           {"output_attentions": True})
+        mass = probe.mass(queries, targets, inputs["attention_mask"])
+    weights = output.attentions[train_vlm.LOOKUP_LAYER]
+    expected = torch.stack([(weights[row, :, position] * mask).sum(-1)
+                            for (row, position), mask in zip(queries, targets)])
+    assert mass.shape == (len(queries), 2)
+    assert torch.allclose(mass, expected, atol=1e-5), (mass, expected)
+    # random halves of each sequence as targets: masses far from uniform, so a wrong computation shows
+    halves = torch.rand(targets.shape, generator=torch.Generator().manual_seed(0)) < 0.5
+    with torch.no_grad():
+        on_halves = probe.mass(queries, halves, inputs["attention_mask"])
+    for layer, close in ((train_vlm.LOOKUP_LAYER, True), (0, False)):
+        expected = torch.stack([(output.attentions[layer][row, :, position] * mask).sum(-1)
+                                for (row, position), mask in zip(queries, halves)])
+        assert torch.allclose(on_halves, expected, atol=1e-5) == close, (layer, on_halves, expected)
+    assert (on_halves - 0.5).abs().max() > 0.2
+
+    # the loss: the plain loss plus weight x -log(mass), with gradient into the first layer
+    plain_run = train_vlm.setup(train_vlm.resolve_defaults(parser.parse_args(args + ["--out", str(tmp_path / "b")])))
+    run = train_vlm.setup(train_vlm.resolve_defaults(parser.parse_args(args + ["--out", str(tmp_path / "c"),
+                                                                             "--lookup-loss", "0.5"])))
+    run.lookup = train_vlm.LookupProbe(run.model)
+    with torch.no_grad():  # this model's attention mass (the one above had its projections scaled)
+        run.lookup.run(run.model, {k: v for k, v in inputs.items() if k != "labels"}, {})
+        mass = run.lookup.mass(queries, targets, inputs["attention_mask"])
+    state = random.getstate()
+    plain = train_vlm.stage2_loss(plain_run, 1, 1.0)
+    random.setstate(state)
+    weighted = train_vlm.stage2_loss(run, 1, 1.0)
+    assert abs(float(weighted) - (float(plain) + 0.5 * float(-mass.clamp(min=1e-6).log().mean()))) < 1e-4
+    weighted.backward()
+    first = run.model.model.language_model.layers[0].self_attn.q_proj.weight.grad
+    assert first is not None and first.abs().sum() > 0
+    with pytest.raises(SystemExit):
+        train_vlm.main(["--data", str(v2_data), "--out", str(tmp_path / "bad"), "--vision-steps", "0",
+                        "--lookup-loss", "1", "--sizes", json.dumps(TINY), "--threads", "1"])
+
+
+def test_lookup_queries_split_the_heads_between_two_objects(v2_data):
+    """--lookup-kinds relation: a yes/no relation question gives the first half of the heads the first
+    object's image tokens and the second half the second's; location questions every head one object."""
+    processor = vlm.build_processor(version=2)
+    collator = train_vlm.ConversationCollator(processor, str(v2_data))
+    scenes = dict(train_vlm.load_scenes(str(v2_data), "train", 2))
+    for path, scene in scenes.items():
+        named = data_v2._unique(scene.objects)
+        pairs = [(a, b) for a in named for b in named if a is not b and data_v2.relation(a, b)]
+        located = [q for q in data_v2.location_questions(named)]
+        if pairs and located:
+            break
+    else:
+        pytest.skip("no training scene with both question kinds")
+    a, b = pairs[0]
+    turns = [(vlm.image_question(located[0].text, 2), located[0].answer),
+             (f"Is the {a.color} {a.shape} {data_v2.relation(a, b)} the {b.color} {b.shape}?", "yes")]
+    inputs = collator.batch([Image.open(v2_data / path).convert("RGB")], [turns])
+    shown = [torch.arange(vlm.NUM_PATCHES)]
+    queries, targets = train_vlm.lookup_queries([turns], inputs, shown, [scene], collator.image_token_id, heads=4,
+                                                kinds=train_vlm.LOOKUP_KINDS)
+    assert len(queries) == 2 and queries[0][1] < queries[1][1]
+    image = (inputs["input_ids"][0] == collator.image_token_id).nonzero().flatten()
+    owner = torch.as_tensor(data_v2.patch_labels(scene))
+
+    def tokens_of(obj):
+        mask = torch.zeros(inputs["input_ids"].shape[1], dtype=torch.bool)
+        mask[image[owner == scene.objects.index(obj) + 1]] = True
+        return mask
+
+    relation = targets[1]
+    assert torch.equal(relation[0], tokens_of(a)) and torch.equal(relation[1], tokens_of(a))
+    assert torch.equal(relation[2], tokens_of(b)) and torch.equal(relation[3], tokens_of(b))
+    only_location = train_vlm.lookup_queries([turns], inputs, shown, [scene], collator.image_token_id, heads=4)[0]
+    assert only_location == queries[:1]

@@ -68,6 +68,15 @@ step reads its rows instead of loading images and running the tower; the loss eq
 one to fp16 rounding (tested). On two cores it made a curriculum step (object patches and 5% of the
 background) about twice as fast; a 20,000-image cache of v2 takes 2.2 GB and 8 minutes to build.
 
+Auxiliary losses of stage 2 (v2; neither adds anything to the saved model, a plain LLaVA):
+--position-loss W (`PositionHead`, with --feature-cache) makes each projected image token's (column, row)
+a linear read-out, so that the language model's input keeps the side of an object; --lookup-loss W
+(`LookupProbe`) adds W x -log(the attention mass that each head of the language model's second layer puts,
+from the answer position of each location question, on the asked object's image tokens), the lookup the
+model already makes for digit questions and did not make for location ones
+(weights/tiny-vlm-v2-wip/diagnostics/location_attention.txt); --lookup-kinds location,relation also points
+it at the object a relation question asks about (both objects of a yes/no one, half of the heads each).
+
 Both stages run through `training.loop.Trainer` (AdamW, `warmup_cosine`, clip 1.0, the running loss, best
 tracking), the loop `autoselect train` uses too, and stage 2 encodes through `training.data.
 ConversationCollator` (with a per-row image-token count for the curriculum), the collator of the trainer
@@ -79,6 +88,7 @@ import collections
 import json
 import os
 import random
+import re
 import shutil
 import sys
 import time
@@ -388,6 +398,132 @@ def pretrain_vision(model, processor, data_dir, steps, batch_size, lr, seed, wri
     return heads
 
 
+LOOKUP_LAYER = 1  # --lookup-loss: the language model's second layer, where digit questions' lookup is
+LOOKUP_KINDS = ("location", "relation")
+_LOCATION = re.compile(r"Is the (?:(\w+) )?(\w+) (?:on the left or the right|at the top or the bottom)\?$")
+_NEIGHBOUR = re.compile(r"What color is the object (left of|right of|above|below) the (\w+) (\w+)\?$")
+_RELATION = re.compile(r"Is the (\w+) (\w+) (?:left of|right of|above|below) the (\w+) (\w+)\?$")
+
+
+def lookup_target(scene, question: str, version: int = 2, kinds=("location",)):
+    """The patches to look up for `question` (a tuple of boolean arrays over the 576 patches, row-major),
+    or None. kinds "location": the object a location question names, "Is the {color} {shape} on the left or
+    the right?" (or "at the top or the bottom", or named by its shape alone): one array. "relation": for
+    "What color is the object left of the red star?" the object whose colour is asked (the one
+    `data_v2.neighbours` finds), one array; for "Is the red star left of the blue circle?" both objects, two
+    arrays (LookupProbe gives the first half of the heads the first, the rest the second). None for any
+    other question, or when a name does not pick exactly one object, or an object covers no patch."""
+    import numpy as np
+
+    module = vlm.data_module(version)
+
+    def named(colour, shape):
+        matches = [o for o in scene.objects if o.shape == shape and (colour is None or o.color == colour)]
+        return matches[0] if len(matches) == 1 else None
+
+    objects = None
+    if "location" in kinds and (found := _LOCATION.search(question)):
+        objects = [named(*found.groups())]
+    elif "relation" in kinds and (found := _NEIGHBOUR.search(question)):
+        direction, colour, shape = found.groups()
+        anchor = named(colour, shape)
+        beside = [other for a, d, other in module.neighbours(scene.objects, [anchor] if anchor else [])
+                  if d == direction]
+        objects = beside[:1] if len(beside) == 1 else [None]
+    elif "relation" in kinds and (found := _RELATION.search(question)):
+        a_colour, a_shape, b_colour, b_shape = found.groups()
+        objects = [named(a_colour, a_shape), named(b_colour, b_shape)]
+    if objects is None or any(o is None for o in objects):
+        return None
+    owner = np.asarray(module.patch_labels(scene))
+    targets = tuple(owner == scene.objects.index(o) + 1 for o in objects)
+    return targets if all(t.any() for t in targets) else None
+
+
+class LookupProbe:
+    """Stage 2's auxiliary lookup loss (--lookup-loss): for each location question of the batch (and
+    relation question, with --lookup-kinds; `lookup_target`), the attention that every head of the
+    language model's layer LOOKUP_LAYER gives, from the position that predicts the answer, to the asked
+    object's image tokens; the loss is the mean over heads and questions of -log(that attention mass).
+    Why: the language model looks the named object up from the answer position for "What digit is on
+    the red star?" (0.83-0.87 of layer 2's attention on it) but not for "Is the red star on the left or
+    the right?" (0.05-0.11; 0.61 after run look-a with this loss), so it reads the side of a mixture of objects
+    (weights/tiny-vlm-v2-wip/diagnostics/location_attention.txt). The attention is recomputed from the
+    layer's input (captured by a forward pre-hook) as the layer computes it: its query and key projections,
+    the rotary embedding and the causal, padding-masked softmax (tested against eager attention's weights).
+    Nothing is added to the model: the saved model is a plain LLaVA."""
+
+    def __init__(self, model, layer: int = LOOKUP_LAYER):
+        self.attention = model.model.language_model.layers[layer].self_attn
+        self.captured = None
+
+    def _capture(self, module, args, kwargs):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        self.captured = (hidden, kwargs.get("position_embeddings"))
+
+    def run(self, model, inputs: dict, extra: dict):
+        """model(**inputs, **extra) with the layer's input captured; returns the model's output."""
+        handle = self.attention.register_forward_pre_hook(self._capture, with_kwargs=True)
+        try:
+            return model(**inputs, **extra)
+        finally:
+            handle.remove()
+
+    def mass(self, queries, targets, attention_mask):
+        """(questions, heads) attention mass on the targets. queries: (row, position) pairs; targets:
+        (questions, sequence) booleans, or (questions, heads, sequence) for a target per head;
+        attention_mask: the batch's (rows, sequence) padding mask."""
+        from transformers.models.llama.modeling_llama import rotate_half
+
+        hidden, (cos, sin) = self.captured
+        cos, sin = (t.expand(hidden.shape[0], -1, -1) for t in (cos, sin))  # one row when the positions are shared
+        attention = self.attention
+        head_dim = attention.head_dim
+        rows = torch.tensor([r for r, _ in queries])
+        positions = torch.tensor([p for _, p in queries])
+        q = attention.q_proj(hidden[rows, positions]).view(len(queries), -1, head_dim)
+        q = q * cos[rows, positions][:, None] + rotate_half(q) * sin[rows, positions][:, None]
+        k = attention.k_proj(hidden[rows]).view(len(queries), hidden.shape[1], -1, head_dim)
+        k = k * cos[rows][:, :, None] + rotate_half(k) * sin[rows][:, :, None]
+        k = k.repeat_interleave(q.shape[1] // k.shape[2], dim=2)
+        logits = torch.einsum("nhd,nthd->nht", q, k) * attention.scaling
+        keys = torch.arange(hidden.shape[1])
+        allowed = (attention_mask[rows] > 0) & (keys[None] <= positions[:, None])
+        weights = logits.float().masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+        return (weights * (targets if targets.dim() == 3 else targets[:, None]).float()).sum(-1)
+
+
+def lookup_queries(conversations, inputs, shown, scenes, image_token_id: int, version: int = 2, heads: int = 1,
+                   kinds=("location",)):
+    """(queries, targets) of --lookup-loss: for each question of each row that `lookup_target` (of
+    `kinds`) gives patches for, the (row, position) that predicts its answer's first token (the position
+    before the start of its answer's labels; answers are labelled runs, one per turn, in order) and a
+    (heads, sequence) boolean mask of the image tokens each head should attend to (row's image tokens are
+    the patches `shown[row]`, in order; with two targets, the first half of the heads gets the first)."""
+    labels, ids = inputs["labels"], inputs["input_ids"]
+    queries, targets = [], []
+    for row, turns in enumerate(conversations):
+        labelled = labels[row] != IGNORE_INDEX
+        starts = (labelled & ~torch.cat([torch.zeros(1, dtype=torch.bool), labelled[:-1]])).nonzero().flatten()
+        if len(starts) != len(turns):
+            raise RuntimeError(f"row {row}: {len(starts)} labelled answers for {len(turns)} turns")
+        image_positions = (ids[row] == image_token_id).nonzero().flatten()
+        for (question, _), start in zip(turns, starts.tolist()):
+            target = lookup_target(scenes[row], question, version, kinds)
+            if target is None:
+                continue
+            on_objects = [torch.from_numpy(t)[shown[row]] for t in target]
+            if not all(o.any() for o in on_objects):
+                continue
+            mask = torch.zeros(heads, ids.shape[1], dtype=torch.bool)
+            for group, on_object in enumerate(on_objects):
+                share = slice(group * heads // len(on_objects), (group + 1) * heads // len(on_objects))
+                mask[share, image_positions[on_object]] = True
+            queries.append((row, start - 1))
+            targets.append(mask)
+    return queries, (torch.stack(targets) if targets else None)
+
+
 def background_fraction(step, steps, start, full_from, ramp_from):
     """Stage 2's curriculum: the fraction of background patches the language model sees at `step` (1-based):
     `start` until ramp_from * steps, then linear up to 1 at full_from * steps, then 1 (every token)."""
@@ -507,6 +643,13 @@ def build_parser():
     parser.add_argument("--position-loss", type=float, default=0.0,
                         help="stage 2 (with --feature-cache): weight of an auxiliary loss that makes the projector's "
                         "output keep each token's place in the image (position_loss; 0: off)")
+    parser.add_argument("--lookup-loss", type=float, default=0.0,
+                        help="stage 2: weight of an auxiliary loss that makes the language model's second layer "
+                             "attend, from the answer position of each location question, to the asked object's image "
+                             "tokens (LookupProbe; 0: off)")
+    parser.add_argument("--lookup-kinds", type=lambda text: tuple(text.split(",")), default=("location",),
+                        help="the questions --lookup-loss supervises, comma-separated: location (the asked object), "
+                             "relation (the object whose colour is asked, or both objects of a yes/no question)")
     parser.add_argument("--recall-steps", type=int, default=0,
                         help="stage 2: the first N steps replace the questions by one recall turn: every object whose "
                              "shape is unique in the scene as its shape's name and its colour ('star blue ring red'), "
@@ -551,6 +694,10 @@ def main(argv=None):
     args = resolve_defaults(parser.parse_args(argv))
     if args.position_loss > 0 and not args.feature_cache:
         parser.error("--position-loss needs --feature-cache (it reads every token's projected features)")
+    if set(args.lookup_kinds) - set(LOOKUP_KINDS):
+        parser.error(f"--lookup-kinds {','.join(args.lookup_kinds)}: choose from {','.join(LOOKUP_KINDS)}")
+    if args.lookup_loss > 0 and args.version != 2:
+        parser.error("--lookup-loss reads testbed v2's scenes and questions (--version 2)")
     if args.feature_cache and args.tower_lr > 0:
         parser.error("--feature-cache holds a frozen tower's features: it cannot be used with --tower-lr > 0")
     if args.sizes is not None and not isinstance(args.sizes, dict):
@@ -579,6 +726,8 @@ def main(argv=None):
         run.cache_rows = {path: row for row, path in enumerate(paths)}
     if args.position_loss > 0:
         run.position_head = PositionHead(run.model.config)
+    if args.lookup_loss > 0:
+        run.lookup = LookupProbe(run.model)
     trainer = stage2_trainer(run)
     generators = {"curriculum": run.token_generator}
     if run.resume:
@@ -606,6 +755,8 @@ def main(argv=None):
             validate(run, trainer, step, minutes)
         elif step % 50 == 0:
             extra = {"position_loss": round(run.position_running, 4)} if run.position_head is not None else {}
+            if run.lookup is not None:
+                extra["lookup_loss"] = round(run.lookup_running, 4)
             run.write({"event": "train", "step": step, "minutes": round(minutes, 2), "loss": round(trainer.running, 4),
                        "background_fraction": round(fraction, 3), **extra})
         if stop or step == args.steps or (args.checkpoint_every and step % args.checkpoint_every == 0):
@@ -679,7 +830,7 @@ def setup(args) -> _Run:
                 train_scenes=dict(load_scenes(args.data, "train", args.version)), captions=captions,
                 token_generator=torch.Generator().manual_seed(args.seed), write=write, start=time.time(),
                 minutes_before=0.0, order=[], cursor=0, resume=resume, cache=None, cache_rows={}, position_head=None,
-                position_running=0.0)
+                position_running=0.0, lookup=None, lookup_running=0.0)
 
 
 def stage2_trainer(run: _Run) -> Trainer:
@@ -815,7 +966,8 @@ def per_sample_loss(logits, labels):
 def stage2_loss(run: _Run, step: int, fraction: float):
     """Stage 2's next-token loss on the answers of `step`'s batch (over all answer tokens, or per sample
     with --loss-average samples); below fraction 1 the curriculum: the language model sees the object
-    patches and `fraction` of the background (positions contiguous)."""
+    patches and `fraction` of the background (positions contiguous). Plus --position-loss's and
+    --lookup-loss's terms when they are on."""
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
     images, conversations, paths = stage2_batch(run, step)
@@ -823,6 +975,7 @@ def stage2_loss(run: _Run, step: int, fraction: float):
     auxiliary = 0.0  # --position-loss's term (with --feature-cache only)
     if run.cache is None and fraction >= 1.0:
         inputs, extra = run.collator.batch(images, conversations), {}
+        shown = [torch.arange(vlm.NUM_PATCHES)] * len(paths)
     else:  # the curriculum's tokens, or every token with --feature-cache: features computed here
         shown = [curriculum_tokens(run.train_scenes[path], fraction, run.token_generator, run.args.version)
                  for path in paths]
@@ -842,10 +995,23 @@ def stage2_loss(run: _Run, step: int, fraction: float):
             features = features.pooler_output if hasattr(features, "pooler_output") else features
         features = [f[s] for f, s in zip(features, shown)]
         extra = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
+    if run.lookup is None:
+        outputs = model(**{k: v for k, v in inputs.items() if not per_sample or k != "labels"}, **extra)
+    else:  # --lookup-loss: the layer's attention to each location question's object
+        queries, targets = lookup_queries(conversations, inputs, shown, [run.train_scenes[p] for p in paths],
+                                          run.collator.image_token_id, run.args.version,
+                                          model.config.text_config.num_attention_heads, run.args.lookup_kinds)
+        outputs = run.lookup.run(model, {k: v for k, v in inputs.items() if not per_sample or k != "labels"}, extra)
+        if queries:
+            mass = run.lookup.mass(queries, targets, inputs["attention_mask"])
+            lookup = -mass.clamp(min=1e-6).log().mean()
+            run.lookup_running = 0.98 * run.lookup_running + 0.02 * lookup.item() if run.lookup_running \
+                else lookup.item()
+            auxiliary = auxiliary + run.args.lookup_loss * lookup
+        run.lookup.captured = None
     if not per_sample:
-        return model(**inputs, **extra).loss + auxiliary
-    labels = inputs.pop("labels")
-    return per_sample_loss(model(**inputs, **extra).logits, labels) + auxiliary
+        return outputs.loss + auxiliary
+    return per_sample_loss(outputs.logits, inputs["labels"]) + auxiliary
 
 
 def validate(run: _Run, trainer: Trainer, step: int, minutes: float):
