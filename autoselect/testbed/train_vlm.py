@@ -405,17 +405,13 @@ _NEIGHBOUR = re.compile(r"What color is the object (left of|right of|above|below
 _RELATION = re.compile(r"Is the (\w+) (\w+) (?:left of|right of|above|below) the (\w+) (\w+)\?$")
 
 
-def lookup_target(scene, question: str, version: int = 2, kinds=("location",)):
-    """The patches to look up for `question` (a tuple of boolean arrays over the 576 patches, row-major),
-    or None. kinds "location": the object a location question names, "Is the {color} {shape} on the left or
-    the right?" (or "at the top or the bottom", or named by its shape alone): one array. "relation": for
-    "What color is the object left of the red star?" the object whose colour is asked (the one
-    `data_v2.neighbours` finds), one array; for "Is the red star left of the blue circle?" both objects, two
-    arrays (LookupProbe gives the first half of the heads the first, the rest the second). None for any
-    other question, or when a name does not pick exactly one object, or an object covers no patch."""
-    import numpy as np
-
-    module = vlm.data_module(version)
+def lookup_objects(scene, question: str, version: int = 2, kinds=("location",)):
+    """The objects of `scene` that `question` asks to look up (a list of one or two), or None: kinds
+    "location": the object a location question names, "Is the {color} {shape} on the left or the right?"
+    (or "at the top or the bottom", or named by its shape alone). "relation": for "What color is the object
+    left of the red star?" the object whose colour is asked (the one `data_v2.neighbours` finds); for "Is
+    the red star left of the blue circle?" both objects, in that order. None for any other question, or
+    when a name does not pick exactly one object."""
 
     def named(colour, shape):
         matches = [o for o in scene.objects if o.shape == shape and (colour is None or o.color == colour)]
@@ -427,15 +423,26 @@ def lookup_target(scene, question: str, version: int = 2, kinds=("location",)):
     elif "relation" in kinds and (found := _NEIGHBOUR.search(question)):
         direction, colour, shape = found.groups()
         anchor = named(colour, shape)
-        beside = [other for a, d, other in module.neighbours(scene.objects, [anchor] if anchor else [])
-                  if d == direction]
+        options = vlm.data_module(version).neighbours(scene.objects, [anchor] if anchor else [])
+        beside = [other for _, d, other in options if d == direction]
         objects = beside[:1] if len(beside) == 1 else [None]
     elif "relation" in kinds and (found := _RELATION.search(question)):
         a_colour, a_shape, b_colour, b_shape = found.groups()
         objects = [named(a_colour, a_shape), named(b_colour, b_shape)]
-    if objects is None or any(o is None for o in objects):
+    return None if objects is None or any(o is None for o in objects) else objects
+
+
+def lookup_target(scene, question: str, version: int = 2, kinds=("location",), owner=None):
+    """The patches to look up for `question` (a tuple of boolean arrays over the 576 patches, row-major),
+    or None: one array per object of `lookup_objects` (for a yes/no relation question two, and
+    LookupProbe gives the first half of the heads the first, the rest the second); None also when an
+    object covers no patch. owner: the scene's `patch_labels`, when the caller has them already."""
+    import numpy as np
+
+    objects = lookup_objects(scene, question, version, kinds)
+    if objects is None:
         return None
-    owner = np.asarray(module.patch_labels(scene))
+    owner = np.asarray(vlm.data_module(version).patch_labels(scene) if owner is None else owner)
     targets = tuple(owner == scene.objects.index(o) + 1 for o in objects)
     return targets if all(t.any() for t in targets) else None
 
@@ -447,8 +454,8 @@ class LookupProbe:
     object's image tokens; the loss is the mean over heads and questions of -log(that attention mass).
     Why: the language model looks the named object up from the answer position for "What digit is on
     the red star?" (0.83-0.87 of layer 2's attention on it) but not for "Is the red star on the left or
-    the right?" (0.05-0.11; 0.61 after run look-a with this loss), so it reads the side of a mixture of objects
-    (weights/tiny-vlm-v2-wip/diagnostics/location_attention.txt). The attention is recomputed from the
+    the right?" (0.05-0.11; 0.61 after run look-a with this loss), so it read the side of a mixture of
+    objects (weights/tiny-vlm-v2-wip/diagnostics/location_attention.txt). The attention is recomputed from the
     layer's input (captured by a forward pre-hook) as the layer computes it: its query and key projections,
     the rotary embedding and the causal, padding-masked softmax (tested against eager attention's weights).
     Nothing is added to the model: the saved model is a plain LLaVA."""
@@ -507,9 +514,13 @@ def lookup_queries(conversations, inputs, shown, scenes, image_token_id: int, ve
         starts = (labelled & ~torch.cat([torch.zeros(1, dtype=torch.bool), labelled[:-1]])).nonzero().flatten()
         if len(starts) != len(turns):
             raise RuntimeError(f"row {row}: {len(starts)} labelled answers for {len(turns)} turns")
-        image_positions = (ids[row] == image_token_id).nonzero().flatten()
+        image_positions, owner = (ids[row] == image_token_id).nonzero().flatten(), None
         for (question, _), start in zip(turns, starts.tolist()):
-            target = lookup_target(scenes[row], question, version, kinds)
+            if lookup_objects(scenes[row], question, version, kinds) is None:
+                continue
+            if owner is None:  # the scene's patch labels, drawn once for all of its questions
+                owner = vlm.data_module(version).patch_labels(scenes[row])
+            target = lookup_target(scenes[row], question, version, kinds, owner)
             if target is None:
                 continue
             on_objects = [torch.from_numpy(t)[shown[row]] for t in target]
@@ -995,13 +1006,14 @@ def stage2_loss(run: _Run, step: int, fraction: float):
             features = features.pooler_output if hasattr(features, "pooler_output") else features
         features = [f[s] for f, s in zip(features, shown)]
         extra = {"mm_encoder_outputs": {"image": BaseModelOutputWithPooling(pooler_output=features)}}
+    model_inputs = {k: v for k, v in inputs.items() if not per_sample or k != "labels"}  # per sample: loss here
     if run.lookup is None:
-        outputs = model(**{k: v for k, v in inputs.items() if not per_sample or k != "labels"}, **extra)
-    else:  # --lookup-loss: the layer's attention to each location question's object
+        outputs = model(**model_inputs, **extra)
+    else:  # --lookup-loss: the layer's attention to each supervised question's objects
         queries, targets = lookup_queries(conversations, inputs, shown, [run.train_scenes[p] for p in paths],
                                           run.collator.image_token_id, run.args.version,
                                           model.config.text_config.num_attention_heads, run.args.lookup_kinds)
-        outputs = run.lookup.run(model, {k: v for k, v in inputs.items() if not per_sample or k != "labels"}, extra)
+        outputs = run.lookup.run(model, model_inputs, extra)
         if queries:
             mass = run.lookup.mass(queries, targets, inputs["attention_mask"])
             lookup = -mass.clamp(min=1e-6).log().mean()
