@@ -47,17 +47,18 @@ def extensions():
     skip_cuda = flags.env_flag("AUTOSELECT_SKIP_CUDA_BUILD")
     with_cuda = torch.version.cuda is not None and CUDA_HOME is not None and not skip_cuda
     sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cpp"))
+    link = flags.LINK_FLAGS + flags.libstdcxx_link_args()  # torch is imported: its libstdc++ is loaded
     if not with_cuda:
         cxx = flags.CXX_FLAGS + flags.defines(version, torch.__version__)
         return [CppExtension("autoselect._C", sources, extra_compile_args={"cxx": cxx},
-                             extra_link_args=flags.LINK_FLAGS)]
+                             extra_link_args=link)]
     archs = flags.cuda_archs()
     defines = flags.defines(version, torch.__version__, archs)
     sources += sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cu"))
     return [CUDAExtension("autoselect._C", sources,
                           extra_compile_args={"cxx": flags.CXX_FLAGS + defines,
                                               "nvcc": flags.nvcc_flags(archs) + defines},
-                          extra_link_args=flags.LINK_FLAGS)]
+                          extra_link_args=link)]
 
 
 def build_ext_class():

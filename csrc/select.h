@@ -49,7 +49,7 @@ AUTOSELECT_HD uint32_t key_index(uint64_t key) { return 0xFFFFFFFFu - static_cas
 // Checks of the packed inputs; returns the start of each image's tokens and of its kept rows.
 struct Segments {
   std::vector<int64_t> token_start, kept_start;
-  int64_t total_tokens = 0, total_kept = 0, max_length = 0;
+  int64_t total_tokens = 0, total_kept = 0, max_length = 0, max_kept = 0;
 };
 
 inline Segments check_select_inputs(const at::Tensor& x, const at::Tensor& scores, at::IntArrayRef lengths,
@@ -74,6 +74,7 @@ inline Segments check_select_inputs(const at::Tensor& x, const at::Tensor& score
     seg.total_tokens += lengths[b];
     seg.total_kept += ks[b];
     seg.max_length = std::max<int64_t>(seg.max_length, lengths[b]);
+    seg.max_kept = std::max<int64_t>(seg.max_kept, ks[b]);
   }
   TORCH_CHECK(x.size(0) == seg.total_tokens, op, ": x has ", x.size(0), " tokens, the lengths add up to ",
               seg.total_tokens);

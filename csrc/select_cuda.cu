@@ -1,12 +1,14 @@
 // Top-K token selection on CUDA (DESIGN.md 1.6), plain and fused with the Scorer's tail.
 //
-// select_topk (one launch, one block per image):
+// select_topk (one launch; a few blocks per image, each of which selects the whole image and copies
+// its share of the kept rows):
 //   1. the image's scores become 32-bit order keys in shared memory (select.h);
 //   2. radix select of the K-th largest 64-bit key (score, then lower index: unique per image),
-//      eight passes of 8 bits: a shared histogram of the candidates, then one warp scans it;
+//      up to eight passes of 8 bits: a shared histogram of the candidates, then one warp scans it;
+//      the passes stop once the chosen digit's bin is kept whole;
 //   3. the kept positions (key >= threshold) are compacted in index order with a block scan, so
 //      they come out ascending with no sort;
-//   4. the block's warps copy the kept rows (16-byte vectors when the width allows).
+//   4. the block's warps copy its kept rows (16-byte vectors when the width allows).
 // score_select (one launch after the first layer's GEMM):
 //   blocks of (image, chunk of tokens) score their tokens (a warp per token: the token's mean and
 //   variance over D, then the folded LayerNorm, GELU and the H -> 1 projection, select.h); the last
@@ -25,6 +27,7 @@
 #include <cub/block/block_scan.cuh>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <mutex>
 
@@ -56,17 +59,16 @@ __device__ __forceinline__ uint64_t key_at(const uint32_t* order, int64_t i) {
   return (static_cast<uint64_t>(order[i]) << 32) | static_cast<uint64_t>(0xFFFFFFFFu - static_cast<uint32_t>(i));
 }
 
-// Steps 2-4 for one image whose order keys are in shared `order` (n of them). All threads of the
-// block must call it.
-template <typename scalar_t>
-__device__ void select_and_gather(const uint32_t* order, int64_t n, int64_t k, const scalar_t* __restrict__ x_image,
-                                  int64_t D, scalar_t* __restrict__ kept_image, int64_t* __restrict__ index_image) {
+// Step 2: the k-th largest of the image's n keys in shared `order`, so that exactly k keys are >= the
+// returned threshold. The passes stop early once the chosen digit's bin holds exactly the keys still to
+// be ranked: all of them are kept, and the prefix with zero low bits is a threshold. Distinct scores
+// end after two to four of the eight passes; only ties in the score reach the index's bits. All threads
+// of the block must call it.
+__device__ uint64_t kth_largest_key(const uint32_t* order, int64_t n, int64_t k) {
   __shared__ int histogram[kRadixBins];
   __shared__ uint64_t shared_prefix;
   __shared__ int64_t shared_rank;
-  using BlockScan = cub::BlockScan<int, kSelectThreads>;
-  __shared__ typename BlockScan::TempStorage scan_storage;
-
+  __shared__ bool shared_done;
   const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
   uint64_t prefix = 0, mask = 0;
   int64_t rank = k;  // the threshold is the rank-th largest key among those matching prefix
@@ -95,16 +97,32 @@ __device__ void select_and_gather(const uint32_t* order, int64_t n, int64_t k, c
           if (rank <= before + counts[j]) {
             shared_prefix = prefix | (static_cast<uint64_t>(255 - 8 * lane - j) << shift);
             shared_rank = rank - before;
+            shared_done = rank - before == counts[j];  // the whole bin is kept
             break;
           }
           before += counts[j];
         }
       }
     }
-    __syncthreads();
+    __syncthreads();  // (warp 0 writes the shared_* values again two barriers after these reads)
     prefix = shared_prefix, rank = shared_rank, mask |= static_cast<uint64_t>(0xFF) << shift;
+    if (shared_done) break;
   }
-  const uint64_t threshold = prefix;  // the k-th largest key: exactly k keys are >= it
+  return prefix;
+}
+
+// Steps 3-4 for one image whose order keys are in shared `order` (n of them): the kept positions,
+// compacted in index order into shared `rows` (k of them; into `index_image` too when write_index),
+// then this block's share of the gather: of the `parts` blocks that gather the image, block `part`
+// copies rows part, part + parts, ... (a warp per row). All threads of the block must call it.
+template <typename scalar_t>
+__device__ void select_and_gather(const uint32_t* order, int32_t* rows, int64_t n, int64_t k,
+                                  const scalar_t* __restrict__ x_image, int64_t D, scalar_t* __restrict__ kept_image,
+                                  int64_t* __restrict__ index_image, bool write_index, int64_t part, int64_t parts) {
+  using BlockScan = cub::BlockScan<int, kSelectThreads>;
+  __shared__ typename BlockScan::TempStorage scan_storage;
+  const int tid = threadIdx.x, lane = tid % kWarpSize, warp = tid / kWarpSize;
+  const uint64_t threshold = kth_largest_key(order, n, k);
 
   // Compaction in index order: each thread owns a contiguous run of positions.
   const int64_t per_thread = (n + blockDim.x - 1) / blockDim.x;
@@ -113,9 +131,13 @@ __device__ void select_and_gather(const uint32_t* order, int64_t n, int64_t k, c
   for (int64_t i = begin; i < end; ++i) count += key_at(order, i) >= threshold;
   int position;
   BlockScan(scan_storage).ExclusiveSum(count, position);
-  for (int64_t i = begin; i < end; ++i)
-    if (key_at(order, i) >= threshold) index_image[position++] = i;
-  __syncthreads();  // the block's global writes of index are visible to the whole block after this
+  for (int64_t i = begin; i < end; ++i) {
+    if (key_at(order, i) >= threshold) {
+      if (write_index) index_image[position] = i;
+      rows[position++] = static_cast<int32_t>(i);
+    }
+  }
+  __syncthreads();  // rows is complete for the whole block after this
 
   // Gather: a warp per kept row.
   const int warps = blockDim.x / kWarpSize;
@@ -123,8 +145,8 @@ __device__ void select_and_gather(const uint32_t* order, int64_t n, int64_t k, c
   const bool vectorized = sizeof(scalar_t) <= 16 && D % kVector == 0 &&
                           reinterpret_cast<uintptr_t>(x_image) % 16 == 0 &&
                           reinterpret_cast<uintptr_t>(kept_image) % 16 == 0;
-  for (int64_t r = warp; r < k; r += warps) {
-    const scalar_t* src = x_image + index_image[r] * D;
+  for (int64_t r = part + parts * warp; r < k; r += parts * warps) {
+    const scalar_t* src = x_image + static_cast<int64_t>(rows[r]) * D;
     scalar_t* dst = kept_image + r * D;
     if (vectorized) {
       const uint4* s = reinterpret_cast<const uint4*>(src);
@@ -138,17 +160,23 @@ __device__ void select_and_gather(const uint32_t* order, int64_t n, int64_t k, c
   }
 }
 
+// Image blockIdx.x; its kept rows are gathered by gridDim.y blocks, each of which selects the image on
+// its own (an image's keys are a few KiB and its selection a few microseconds; the copy is the costly
+// part, and one block per image would leave most of the GPU idle at small batches). Block y = 0 writes
+// the index. Dynamic shared memory: the order keys (max_length) and the kept rows (max_kept).
 template <typename scalar_t, typename score_t>
 __global__ void __launch_bounds__(kSelectThreads)
     select_topk_kernel(const scalar_t* __restrict__ x, const score_t* __restrict__ scores, SegmentTable segments,
-                       int64_t D, scalar_t* __restrict__ kept, int64_t* __restrict__ index) {
+                       int64_t D, int64_t max_length, scalar_t* __restrict__ kept, int64_t* __restrict__ index) {
   extern __shared__ uint32_t order[];
+  int32_t* rows = reinterpret_cast<int32_t*>(order + max_length);
   int64_t token_start, kept_start, n, k;
   segments.get(blockIdx.x, token_start, kept_start, n, k);
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
     order[i] = order_bits(static_cast<float>(scores[token_start + i]));
   __syncthreads();
-  select_and_gather(order, n, k, x + token_start * D, D, kept + kept_start * D, index + kept_start);
+  select_and_gather(order, rows, n, k, x + token_start * D, D, kept + kept_start * D, index + kept_start,
+                    blockIdx.y == 0, blockIdx.y, gridDim.y);
 }
 
 __device__ __forceinline__ float warp_sum(float value) {
@@ -164,7 +192,7 @@ __global__ void __launch_bounds__(kSelectThreads)
     score_select_kernel(const scalar_t* __restrict__ x, const hidden_t* __restrict__ hidden,
                         const float* __restrict__ col_sum, const float* __restrict__ bias,
                         const float* __restrict__ w2, const float* __restrict__ b2, float eps,
-                        SegmentTable segments, int64_t D, int64_t H, int chunks_per_image,
+                        SegmentTable segments, int64_t D, int64_t H, int chunks_per_image, int64_t max_length,
                         unsigned int* __restrict__ arrivals,
                         float* __restrict__ scores, scalar_t* __restrict__ kept, int64_t* __restrict__ index) {
   extern __shared__ uint32_t order[];
@@ -212,7 +240,8 @@ __global__ void __launch_bounds__(kSelectThreads)
   __threadfence();
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) order[i] = order_bits(__ldcg(scores + token_start + i));
   __syncthreads();
-  select_and_gather(order, n, k, x + token_start * D, D, kept + kept_start * D, index + kept_start);
+  select_and_gather(order, reinterpret_cast<int32_t*>(order + max_length), n, k, x + token_start * D, D,
+                    kept + kept_start * D, index + kept_start, true, 0, 1);
 }
 
 // ---- host side ------------------------------------------------------------------------------
@@ -236,16 +265,17 @@ Launch segment_table(const Segments& seg, at::IntArrayRef lengths, at::IntArrayR
 }
 
 // Shared memory of one block = the kernel's static part (radix histogram, block-scan storage and
-// flags, about 3 KiB, read from the compiled kernel) + the dynamic part (the order keys: 4 bytes per
-// token of the longest image). The rules: static + dynamic must fit the device's opt-in limit
-// (sharedMemPerBlockOptin, e.g. 227 KiB on H100); and a kernel launches with more than 48 KiB in
-// total only after its MaxDynamicSharedMemorySize attribute has been raised to the dynamic part
-// (its default is 48 KiB - static). So the test is on static + dynamic, not on the dynamic part
-// alone: an image of about 11,470 to 12,288 tokens has a dynamic part below 48 KiB, a total above.
-// The attribute is per kernel and device and is only ever raised (under a lock), so a concurrent
-// caller can never lower it under another's launch.
-size_t shared_bytes_for(int64_t max_length, const void* kernel, const char* op) {
-  const size_t bytes = static_cast<size_t>(max_length) * sizeof(uint32_t);
+// flags, about 3 KiB, read from the compiled kernel) + the dynamic part (4 bytes per token of the
+// longest image for its order keys, 4 per kept token of the largest budget for the kept rows). The
+// rules: static + dynamic must fit the device's opt-in limit (sharedMemPerBlockOptin, e.g. 227 KiB on
+// H100); and a kernel launches with more than 48 KiB in total only after its
+// MaxDynamicSharedMemorySize attribute has been raised to the dynamic part (its default is
+// 48 KiB - static). So the test is on static + dynamic, not on the dynamic part alone: N + K of about
+// 11,470 to 12,288 has a dynamic part below 48 KiB, a total above. The attribute is per kernel and
+// device and is only ever raised (under a lock), so a concurrent caller can never lower it under
+// another's launch.
+size_t shared_bytes_for(const Segments& seg, const void* kernel, const char* op) {
+  const size_t bytes = static_cast<size_t>(seg.max_length + seg.max_kept) * sizeof(uint32_t);
   int device = 0, optin = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
@@ -255,14 +285,26 @@ size_t shared_bytes_for(int64_t max_length, const void* kernel, const char* op) 
   C10_CUDA_CHECK(cudaFuncGetAttributes(&attributes, kernel));
   const size_t static_bytes = attributes.sharedSizeBytes;
   const size_t limit = static_cast<size_t>(optin);
-  TORCH_CHECK(static_bytes + bytes <= limit, op, ": an image of N = ", max_length, " tokens needs ",
-              bytes, " bytes of dynamic shared memory (4 per token) plus ", static_bytes,
-              " static bytes per block; this GPU (device ", device, ") allows ", optin,
-              " bytes per block, so at most N = ", limit > static_bytes ? (limit - static_bytes) / sizeof(uint32_t) : 0,
-              " tokens per image");
+  TORCH_CHECK(static_bytes + bytes <= limit, op, ": an image of N = ", seg.max_length, " tokens keeping K = ",
+              seg.max_kept, " needs ", bytes, " bytes of dynamic shared memory (4 per token and 4 per kept token)",
+              " plus ", static_bytes, " static bytes per block; this GPU (device ", device, ") allows ", optin,
+              " bytes per block, so at most N + K = ",
+              limit > static_bytes ? (limit - static_bytes) / sizeof(uint32_t) : 0, " per image");
   if (bytes > static_cast<size_t>(attributes.maxDynamicSharedSizeBytes))
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   return bytes;
+}
+
+// Blocks that gather one image in select_topk: enough for about two blocks per SM over the batch, but
+// at least kMinRowsPerBlock kept rows each (every block repeats the image's selection).
+constexpr int64_t kMinRowsPerBlock = 4;
+unsigned int gather_parts(int64_t images, int64_t max_kept) {
+  int device = 0, sms = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t for_the_gpu = (2 * static_cast<int64_t>(sms) + images - 1) / images;
+  const int64_t for_the_rows = (max_kept + kMinRowsPerBlock - 1) / kMinRowsPerBlock;
+  return static_cast<unsigned int>(std::max<int64_t>(1, std::min(for_the_gpu, for_the_rows)));
 }
 
 std::tuple<at::Tensor, at::Tensor> select_topk_cuda(const at::Tensor& x, const at::Tensor& scores,
@@ -278,9 +320,10 @@ std::tuple<at::Tensor, at::Tensor> select_topk_cuda(const at::Tensor& x, const a
     using x_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "select_topk_cuda_scores", [&] {
       const auto kernel = select_topk_kernel<x_t, scalar_t>;
-      const size_t shared = shared_bytes_for(seg.max_length, reinterpret_cast<const void*>(kernel), "select_topk");
-      kernel<<<static_cast<unsigned int>(lengths.size()), kSelectThreads, shared, stream>>>(
-          x.const_data_ptr<x_t>(), scores.const_data_ptr<scalar_t>(), launch.segments, x.size(1),
+      const size_t shared = shared_bytes_for(seg, reinterpret_cast<const void*>(kernel), "select_topk");
+      const dim3 grid(static_cast<unsigned int>(lengths.size()), gather_parts(lengths.size(), seg.max_kept));
+      kernel<<<grid, kSelectThreads, shared, stream>>>(
+          x.const_data_ptr<x_t>(), scores.const_data_ptr<scalar_t>(), launch.segments, x.size(1), seg.max_length,
           kept.mutable_data_ptr<x_t>(), index.mutable_data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
@@ -313,12 +356,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_select_cuda(const at::Tenso
     using x_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES(hidden.scalar_type(), "score_select_cuda_hidden", [&] {
       const auto kernel = score_select_kernel<x_t, scalar_t>;
-      const size_t shared = shared_bytes_for(seg.max_length, reinterpret_cast<const void*>(kernel), "score_select");
+      const size_t shared = shared_bytes_for(seg, reinterpret_cast<const void*>(kernel), "score_select");
       // Every image gets `chunks` blocks (chunks of a shorter image past its end only arrive).
       kernel<<<static_cast<unsigned int>(blocks), kSelectThreads, shared, stream>>>(
           x.const_data_ptr<x_t>(), hidden.const_data_ptr<scalar_t>(), col_sum.const_data_ptr<float>(),
           bias.const_data_ptr<float>(), w2.const_data_ptr<float>(), b2.const_data_ptr<float>(), static_cast<float>(eps),
-          launch.segments, x.size(1), hidden.size(1), static_cast<int>(chunks), arrivals,
+          launch.segments, x.size(1), hidden.size(1), static_cast<int>(chunks), seg.max_length, arrivals,
           scores.mutable_data_ptr<float>(), kept.mutable_data_ptr<x_t>(), index.mutable_data_ptr<int64_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });

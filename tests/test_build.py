@@ -87,6 +87,34 @@ def test_extension_uses_the_shared_libstdcxx():
     assert not copied, f"{path} defines libstdc++'s own code: {copied[:3]}"
 
 
+def _needed(path):
+    out = subprocess.run(["readelf", "-d", str(path)], capture_output=True, text=True, check=True).stdout
+    return [line.split("[")[-1].rstrip("]") for line in out.splitlines() if "(NEEDED)" in line]
+
+
+@pytest.mark.skipif(not (shutil.which("g++") and shutil.which("readelf") and _build_flags.loaded_libstdcxx()),
+                    reason="needs g++, readelf and a loaded libstdc++.so.6 (Linux)")
+def test_a_compiler_without_shared_libstdcxx_still_links_it_shared(tmp_path):
+    """The GPU machine's CXX=/opt/gcc/bin/g++ (a wrapper script) finds only libstdc++.a, so its links
+    carried a static copy of libstdc++ (benchmarks/results/gpu-2026-11-26c). A wrapper that does the same
+    here: it answers -print-file-name=libstdc++.so with the bare name and links -static-libstdc++.
+    Linked with `libstdcxx_link_args` the library NEEDs libstdc++.so.6; without them it does not."""
+    wrapper = tmp_path / "g++-static"
+    wrapper.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -print-file-name=libstdc++.so ] && '
+                       '{ echo libstdc++.so; exit 0; }; done\nexec g++ -static-libstdc++ "$@"\n')
+    wrapper.chmod(0o755)
+    source = tmp_path / "f.cpp"
+    source.write_text("#include <string>\nstd::string f(long x) { return std::to_string(x); }\n")
+    args = _build_flags.libstdcxx_link_args([str(wrapper)])
+    assert args == [_build_flags.loaded_libstdcxx()]
+    assert _build_flags.libstdcxx_link_args(["g++"]) == []  # this machine's g++ finds libstdc++.so
+    for name, extra in (("static", []), ("fixed", args)):
+        subprocess.run([str(wrapper), "-shared", "-fPIC", str(source), "-o", str(tmp_path / f"{name}.so"), *extra],
+                       check=True, capture_output=True)
+    assert not any(n.startswith("libstdc++.so") for n in _needed(tmp_path / "static.so"))  # the wrapper works
+    assert "libstdc++.so.6" in _needed(tmp_path / "fixed.so")
+
+
 @pytest.fixture(scope="session")
 def non_x86_compiles():
     """The C++ sources compiled by the host g++ on the branch that other architectures take: the guard
