@@ -37,12 +37,12 @@ SHIPPED = {
     1: (ROOT / "weights" / "tiny-vlm", ROOT / "weights" / "tiny-vlm-selector", 500, 1,
         "weights/tiny-vlm/README.md and weights/tiny-vlm-selector/README.md in a source checkout of autoselect"),
     2: (PACKAGE_WEIGHTS / "tiny-vlm-v2", PACKAGE_WEIGHTS / "tiny-vlm-v2-selector", 100, 3,
-        "weights/tiny-vlm-v2-wip/README.md of a source checkout of autoselect (not shipped yet: the v2 tiny VLM is "
-        "still short of its target, issue 14)"),
+        "autoselect/weights/tiny-vlm-v2/README.md and tiny-vlm-v2-selector/README.md (package data, installed "
+        "with autoselect)"),
 }
-# testbed v1 until the v2 tiny VLM reaches its target (issue 14); `--version 2` then finds its weights in
-# the package, or says where they come from
-DEFAULT_VERSION = 1
+# testbed v2 (issue 14): its weights ship as package data, so the demo runs from any install; v1's weights
+# are in weights/ of a source checkout
+DEFAULT_VERSION = 2
 
 
 def _median_time(fn, repeats: int = 5) -> float:
@@ -96,8 +96,8 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None):
     parser = parser or argparse.ArgumentParser(prog="autoselect demo", description=__doc__,
                                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", type=int, choices=sorted(SHIPPED), default=DEFAULT_VERSION,
-                        help="testbed version and its shipped weights: 1 (default; weights/ of a source checkout) or 2 "
-                             "(package data, once issue 14 ships them)")
+                        help="testbed version and its shipped weights: 2 (default; package data) or 1 (weights/ of a "
+                             "source checkout)")
     parser.add_argument("--vlm", default=None, help="the frozen tiny VLM (default: the version's shipped one)")
     parser.add_argument("--selector", default=None, help="the trained AutoSelector (default: the version's shipped one)")
     parser.add_argument("--data", default=None, help="where the test split is written (default: demo/testbed-vV)")
@@ -159,8 +159,9 @@ def run(args) -> dict:
           f"({times['speedup_end_to_end']:.2f}x)")
     from PIL import Image
 
-    pictures = [Image.open(os.path.join(args.data, r["image"])).convert("RGB") for r in records[:4]]
-    shown = [m for m in ("autoselect", "norm", "fastv", "random") if m in methods]
+    images = list(dict.fromkeys(r["image"] for r in records))[:4]  # four distinct test images (v2 asks 3 per image)
+    pictures = [Image.open(os.path.join(args.data, image)).convert("RGB") for image in images]
+    shown = [m for m in ("autoselect", "divprune", "fastv", "random", "norm") if m in methods]
     sheet = show(model, processor, pictures, methods=shown, keep=shown_keep, selector=selector)
     sheet.save(os.path.join(args.out, "kept.png"))
     print(f"wrote {args.out}/eval.json, eval.csv, prefill.json and kept.png")

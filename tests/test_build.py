@@ -270,5 +270,11 @@ def test_wheel_holds_extension_and_namespaced_triton_kernels(tmp_path):
     assert "autoselect/triton_kernels/noise_gate.py" in names
     assert "autoselect/ops/noise_gate.py" in names
     assert not any(n.startswith("triton_kernels/") for n in names)
+    # the testbed v2 weights are package data, so `autoselect demo` runs from a non-editable install
+    for folder in ("tiny-vlm-v2", "tiny-vlm-v2-selector"):
+        for name in ("config.json", "model.safetensors", "README.md"):
+            member = f"autoselect/weights/{folder}/{name}"
+            assert member in names and archive.read(member) == (ROOT / member).read_bytes(), member
+    assert "autoselect/weights/tiny-vlm-v2/tokenizer.json" in names
     assert _build_outputs() == before, "building the wheel wrote into the source tree"
 

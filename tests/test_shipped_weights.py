@@ -72,3 +72,78 @@ def test_shipped_selector_is_the_default_configuration():
     log = [json.loads(line) for line in (WEIGHTS / "tiny-vlm-selector" / "train_log.jsonl").read_text().splitlines()]
     assert (log[0]["temperature"], log[-1]["temperature"]) == _temperatures(args) == (2.0, 0.1)
     assert args.temperature_schedule == "cosine"
+
+
+# ---- testbed v2: the VLM and selector shipped as package data (autoselect/weights/) ----------------------
+
+PACKAGE_WEIGHTS = Path(__file__).resolve().parents[1] / "autoselect" / "weights"
+
+
+@pytest.fixture(scope="module")
+def shipped_v2():
+    model, processor = load_vlm(str(PACKAGE_WEIGHTS / "tiny-vlm-v2"))
+    return model, processor, AutoSelector.from_pretrained(PACKAGE_WEIGHTS / "tiny-vlm-v2-selector")
+
+
+def test_v2_vlm_has_head_sizes_vllm_cpu_serves(shipped_v2):
+    """Issue 14 item 7: the language model's and the vision tower's attention heads are 32 or 64 wide
+    (vLLM's CPU attention), so the vLLM plugin can serve these weights; the image is LLaVA-1.5's 24 x 24."""
+    model, _, _ = shipped_v2
+    text, vision = model.config.text_config, model.config.vision_config
+    assert getattr(text, "head_dim", None) in (32, 64)
+    assert text.head_dim * text.num_attention_heads == model.model.language_model.layers[0].self_attn.q_proj.out_features
+    assert vision.hidden_size // vision.num_attention_heads in (32, 64)
+    assert (vision.image_size // vision.patch_size) ** 2 == 576
+
+
+def test_v2_selector_fits_the_vlm_and_its_log(shipped_v2):
+    """As v1's: the selector reads the VLM's features at its placement, and every logged step's
+    per-image alpha sum equals that step's K (the soft budget held)."""
+    model, _, selector = shipped_v2
+    adapter = training_adapter(model)
+    assert selector.config["dim"] == adapter.feature_width(adapter.core(model), selector.config["placement"])
+    log = [json.loads(line) for line in
+           (PACKAGE_WEIGHTS / "tiny-vlm-v2-selector" / "train_log.jsonl").read_text().splitlines()]
+    steps = [e for e in log if "alpha_sum_min" in e]
+    assert steps and all(abs(e["alpha_sum_min"] - e["keep"]) < 1e-2 and abs(e["alpha_sum_max"] - e["keep"]) < 1e-2
+                         for e in steps)
+
+
+def test_v2_selector_keeps_the_objects_and_marks_of_unseen_scenes(shipped_v2):
+    """On 16 v2 scenes of another seed than the test split's (3 to 9 objects, clutter), the top 64 of
+    576 hold over 90% of the object patches, every object that covers a patch, and over 90% of the
+    digit marks' patches; 64 random tokens hold about 11% of them (measured 2026-11-26: 533 of 534
+    object patches, 79 of 79 mark patches)."""
+    from autoselect.testbed import data_v2
+
+    model, processor, selector = shipped_v2
+    scenes = [scene for _, scene, _ in data_v2.generate("test", 16, seed=11)]
+    pixels = processor.image_processor([data_v2.render(s) for s in scenes], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        _, index = selector.select(placement_tokens(model, pixels, selector.config["placement"]), 64)
+    kept_objects = objects = kept_marks = marks = 0
+    for scene, kept in zip(scenes, index):
+        kept = set(kept.tolist())
+        owner, mark = data_v2.patch_labels(scene), data_v2.mark_patches(scene)
+        for number in range(1, len(scene.objects) + 1):
+            patches = set((owner == number).nonzero()[0].tolist())
+            assert not patches or patches & kept, (scene, number)
+        object_patches, mark_patches = set(owner.nonzero()[0].tolist()), set(mark.nonzero()[0].tolist())
+        kept_objects, objects = kept_objects + len(object_patches & kept), objects + len(object_patches)
+        kept_marks, marks = kept_marks + len(mark_patches & kept), marks + len(mark_patches)
+    assert kept_objects / objects > 0.9 and kept_marks / marks > 0.9, (kept_objects, objects, kept_marks, marks)
+
+
+def test_v2_vlm_answers_questions_of_unseen_scenes(shipped_v2, tmp_path):
+    """The shipped VLM answers fresh v2 questions with every token at about its measured accuracy
+    (0.828 on 500 validation questions): at least 0.65 on 60 questions of 20 scenes of another seed;
+    untrained weights answer none."""
+    from autoselect.evaluation import evaluate
+    from autoselect.testbed import data_v2
+    from autoselect.training.data import load_records
+
+    model, processor, _ = shipped_v2
+    data_v2.write_split(str(tmp_path), "test", 20, seed=11, progress=False, captions=False)
+    records = load_records(str(tmp_path / "test.json"))
+    (row, ) = evaluate(model, processor, records, str(tmp_path), methods=["full"], progress=False, resamples=0)
+    assert len(records) == 60 and row["accuracy"]["all"] >= 0.65, row["accuracy"]
