@@ -91,7 +91,8 @@ def test_v2_vlm_has_head_sizes_vllm_cpu_serves(shipped_v2):
     model, _, _ = shipped_v2
     text, vision = model.config.text_config, model.config.vision_config
     assert getattr(text, "head_dim", None) in (32, 64)
-    assert text.head_dim * text.num_attention_heads == model.model.language_model.layers[0].self_attn.q_proj.out_features
+    attention = model.model.language_model.layers[0].self_attn
+    assert text.head_dim * text.num_attention_heads == attention.q_proj.out_features
     assert vision.hidden_size // vision.num_attention_heads in (32, 64)
     assert (vision.image_size // vision.patch_size) ** 2 == 576
 
