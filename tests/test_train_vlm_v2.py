@@ -218,6 +218,75 @@ def test_recall_steps_name_each_unique_shape_with_its_colour(v2_data, tmp_path):
     assert marks and spatial  # the fixture's scenes have marked objects and objects in one half
 
 
+def test_recall_every_count_adds_the_generators_count_questions(v2_data):
+    """--recall-as every+count: every's turns plus the count of all objects, of each colour and of each
+    shape the scene has, each answered as the generator answers that question."""
+    from autoselect.testbed.data import plural
+
+    scenes = dict(train_vlm.load_scenes(str(v2_data), "train", 2))
+    asked = 0
+    for scene in scenes.values():
+        every = train_vlm.recall_turns(scene, np.random.default_rng(0), "every")
+        turns = train_vlm.recall_turns(scene, np.random.default_rng(0), "every+count")
+        counts = [t for t in turns if t[0].startswith("How many")]
+        assert sorted(t for t in turns if not t[0].startswith("How many")) == sorted(every)
+        colours, shapes = [o.color for o in scene.objects], [o.shape for o in scene.objects]
+        assert len(counts) == 1 + len(set(colours)) + len(set(shapes))
+        assert ("How many objects are there?", str(len(scene.objects))) in counts
+        assert (f"How many {colours[0]} objects are there?", str(colours.count(colours[0]))) in counts
+        assert (f"How many {plural(shapes[-1])} are there?", str(shapes.count(shapes[-1]))) in counts
+        for seed in range(6):  # the generator's own count questions about what the scene has
+            for question in data_v2.make_questions(scene, np.random.default_rng(seed), 1, types=("count",)):
+                if question.answer != "0":
+                    assert (question.text, question.answer) in counts
+                    asked += 1
+    assert asked >= 20
+
+
+def test_insert_layer_starts_as_the_saved_model(v2_data, tmp_path):
+    """--insert-layer: the deeper model loads the saved layers around a new one whose output projections
+    are zero, so it computes exactly the saved model's logits; the saved layers keep their weights at
+    their shifted indices; a model without the extra layer is refused."""
+    processor = vlm.build_processor(version=2)
+    source = vlm.build_model(seed=3, tokenizer=processor.tokenizer, version=2, **{**TINY, "text_layers": 2}).eval()
+    image = torch.full((1, 578), source.config.image_token_index)
+    image[0, :1], image[0, -1] = 5, 6
+    pixels = torch.randn(1, 3, 336, 336)
+    with torch.no_grad():
+        expected = source(input_ids=image, pixel_values=pixels).logits
+    for at in (0, 1, 2):
+        deeper = vlm.build_model(seed=4, tokenizer=processor.tokenizer, version=2, **{**TINY, "text_layers": 3}).eval()
+        deeper.load_state_dict(train_vlm.with_inserted_layer(source.state_dict(), deeper.state_dict(), at))
+        layers = deeper.model.language_model.layers
+        kept = [i for i in range(3) if i != at]
+        for saved, index in zip(source.model.language_model.layers, kept):
+            assert torch.equal(saved.self_attn.q_proj.weight, layers[index].self_attn.q_proj.weight)
+        assert not torch.equal(layers[at].self_attn.q_proj.weight, layers[kept[0]].self_attn.q_proj.weight)
+        with torch.no_grad():
+            got = deeper(input_ids=image, pixel_values=pixels).logits
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        with torch.no_grad():  # the new layer's output projections are what keep it silent
+            layers[at].self_attn.o_proj.weight.normal_(0, 0.2)
+            assert not torch.allclose(deeper(input_ids=image, pixel_values=pixels).logits, expected, atol=1e-3)
+    same = vlm.build_model(seed=4, tokenizer=processor.tokenizer, version=2, **{**TINY, "text_layers": 2})
+    with pytest.raises(ValueError, match="one more language-model layer"):
+        train_vlm.with_inserted_layer(source.state_dict(), same.state_dict(), 0)
+    with pytest.raises(ValueError, match="out of range"):
+        train_vlm.with_inserted_layer(source.state_dict(), deeper.state_dict(), 3)
+    # through the command: --init-from a saved model, --steps 0 saves the deeper model as loaded
+    saved, out = tmp_path / "saved", tmp_path / "deeper"
+    source.save_pretrained(saved)
+    processor.save_pretrained(saved)
+    sizes = json.dumps({**TINY, "text_layers": 3})
+    assert train_vlm.main(["--version", "2", "--sizes", sizes, "--threads", "1", "--data", str(v2_data),
+                           "--out", str(out), "--vision-steps", "0", "--steps", "0", "--init-from", str(saved),
+                           "--insert-layer", "1"]) == 0
+    loaded = transformers.LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True).eval()
+    assert loaded.config.text_config.num_hidden_layers == 3
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=image, pixel_values=pixels).logits, expected, rtol=0, atol=1e-5)
+
+
 def test_v1_defaults_stay_and_never_caption(tmp_path):
     args = train_vlm.resolve_defaults(train_vlm.build_parser().parse_args(["--data", "d", "--out", "o"]))
     assert (args.version, args.caption_fraction, args.full_from, args.loss_average) == (1, 0.0, 0.8, "tokens")

@@ -645,12 +645,13 @@ def build_parser():
     parser.add_argument("--recall-fraction", type=float, default=0.0,
                         help="stage 2: after --recall-steps, the probability that a sample is its recall turn "
                              "instead of questions (keeps the lookup trained; 0: off)")
-    parser.add_argument("--recall-as", choices=("pairs", "questions", "all", "every", "every+shape"),
+    parser.add_argument("--recall-as", choices=RECALL_FORMS,
                         default="pairs",
                         help="the recall turns' form: one turn 'star blue ring red' (pairs), one colour question per "
                              "unique shape (questions), those and every shape and digit lookup (all), or all's and "
-                             "every location and neighbour-colour question (every), and every's with the side of "
-                             "each unique shape named by its shape alone (every+shape)")
+                             "every location and neighbour-colour question (every), every's with the side of "
+                             "each unique shape named by its shape alone (every+shape), or every's with the count "
+                             "of all objects, of each colour and of each shape in the scene (every+count)")
     parser.add_argument("--position-loss", type=float, default=0.0,
                         help="stage 2 (with --feature-cache): weight of an auxiliary loss that makes the projector's "
                         "output keep each token's place in the image (position_loss; 0: off)")
@@ -668,6 +669,10 @@ def build_parser():
                              "shape in a question (recall_turns; 0: off)")
     parser.add_argument("--init-from", help="a saved tiny VLM to continue from (every weight; with "
                         "--vision-steps 0): a second stage 2 with a fresh learning-rate schedule")
+    parser.add_argument("--insert-layer", type=int, default=None,
+                        help="with --init-from and one more text_layers in --sizes than the saved model has: put a "
+                             "new language-model layer at this index, started as the identity (its attention's and "
+                             "MLP's output projections zero), the saved layers around it")
     parser.add_argument("--tower-from", help="a saved tiny VLM whose vision tower replaces stage 1 (with "
                         "--vision-steps 0), e.g. the checkpoint of an earlier run of this command; with "
                         "--init-from, its tower replaces that model's (a retrained tower under a trained "
@@ -831,7 +836,9 @@ def setup(args) -> _Run:
     for event, path in (("init_from", args.init_from), ("tower_from", args.tower_from)):
         if path:
             source = LlavaForConditionalGeneration.from_pretrained(path, local_files_only=True)
-            if event == "init_from":
+            if event == "init_from" and args.insert_layer is not None:
+                model.load_state_dict(with_inserted_layer(source.state_dict(), model.state_dict(), args.insert_layer))
+            elif event == "init_from":
                 model.load_state_dict(source.state_dict())
             else:
                 model.model.vision_tower.load_state_dict(source.model.vision_tower.state_dict())
@@ -842,6 +849,34 @@ def setup(args) -> _Run:
                 token_generator=torch.Generator().manual_seed(args.seed), write=write, start=time.time(),
                 minutes_before=0.0, order=[], cursor=0, resume=resume, cache=None, cache_rows={}, position_head=None,
                 position_running=0.0, lookup=None, lookup_running=0.0)
+
+
+def with_inserted_layer(saved: dict, fresh: dict, at: int) -> dict:
+    """A state dict for `fresh`'s model (one more language-model layer than `saved`'s): `saved`'s weights,
+    its layers from `at` on moved one index up, and at index `at` `fresh`'s new layer with its attention's
+    and MLP's output projections zeroed, so that the layer adds nothing to the residual stream at first
+    and the deeper model computes what the saved one did (--insert-layer)."""
+    prefix = "model.language_model.layers."
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.(.*)")
+    layers = {int(m.group(1)) for m in map(pattern.match, saved) if m}
+    wanted = {int(m.group(1)) for m in map(pattern.match, fresh) if m}
+    if len(wanted) != len(layers) + 1:
+        raise ValueError(f"--insert-layer needs one more language-model layer in --sizes than the saved model's "
+                         f"{len(layers)}; got {len(wanted)}")
+    if not 0 <= at <= len(layers):
+        raise ValueError(f"--insert-layer {at} is out of range: choose 0 to {len(layers)}")
+    state = {}
+    for key, value in saved.items():
+        match = pattern.match(key)
+        if match and int(match.group(1)) >= at:
+            key = f"{prefix}{int(match.group(1)) + 1}.{match.group(2)}"
+        state[key] = value
+    for key, value in fresh.items():
+        match = pattern.match(key)
+        if match and int(match.group(1)) == at:
+            zero = match.group(2) in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
+            state[key] = torch.zeros_like(value) if zero else value.clone()
+    return state
 
 
 def stage2_trainer(run: _Run) -> Trainer:
@@ -874,6 +909,7 @@ def is_caption(run: _Run, step: int, row: int) -> bool:
 
 
 RECALL_QUESTION = "color"
+RECALL_FORMS = ("pairs", "questions", "all", "every", "every+shape", "every+count")
 
 
 def recall_turns(scene, rng, form: str = "pairs") -> list:
@@ -889,7 +925,9 @@ def recall_turns(scene, rng, form: str = "pairs") -> list:
     beside a named one ("What color is the object left of the red star?", `data_v2.neighbours`). Form
     "every+shape" adds the location questions of each object whose shape is unique, named by its shape
     alone ("Is the star on the left or the right?"): the lookup by shape that colour questions teach,
-    with the side to read instead of the colour.
+    with the side to read instead of the colour. Form "every+count" adds every count question the
+    generator asks of a scene's objects: "How many objects are there?", "How many {color} objects are
+    there?" for each colour and "How many {shapes} are there?" for each shape the scene has.
 
     Why: a small language model trained from scratch on "What color is the star?" after the image did not
     learn to find the star's patches (weights/tiny-vlm-v2-wip/diagnostics). When the colour is the token
@@ -900,7 +938,7 @@ def recall_turns(scene, rng, form: str = "pairs") -> list:
 
     counts = Counter(o.shape for o in scene.objects)
     pairs = [(o.shape, o.color) for o in scene.objects if counts[o.shape] == 1]
-    if form in ("all", "every", "every+shape"):
+    if form in ("all", "every", "every+shape", "every+count"):
         from .data_v2 import _unique, location_questions, neighbour_question, neighbours
 
         named = _unique(scene.objects)  # the objects named by colour and shape, as the digit questions name them
@@ -909,11 +947,17 @@ def recall_turns(scene, rng, form: str = "pairs") -> list:
         turns += [(f"What shape is the {o.color} object?", o.shape) for o in scene.objects if colours[o.color] == 1]
         turns += [(f"What digit is on the {o.color} {o.shape}?", o.mark) for o in named
                   if getattr(o, "mark", None) is not None]
-        if form in ("every", "every+shape"):
+        if form != "all":
             spatial = location_questions(named) + [neighbour_question(*o) for o in neighbours(scene.objects, named)]
             if form == "every+shape":
                 spatial += location_questions([o for o in scene.objects if counts[o.shape] == 1], by_shape=True)
             turns += [(q.text, q.answer) for q in spatial]
+        if form == "every+count":
+            from .data import plural
+
+            turns.append(("How many objects are there?", str(len(scene.objects))))
+            turns += [(f"How many {color} objects are there?", str(n)) for color, n in sorted(colours.items())]
+            turns += [(f"How many {plural(shape)} are there?", str(n)) for shape, n in sorted(counts.items())]
         return [turns[i] for i in rng.permutation(len(turns))]
     if not pairs:
         return []
