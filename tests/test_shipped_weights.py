@@ -26,23 +26,24 @@ def shipped():
 def fits_and_held_its_budget(model, selector, folder):
     """The selector reads the tokens where its config says (the width there is the VLM's), and its
     training log (folder/train_log.jsonl) kept each step's budget: the per-image sum of alpha equals
-    that step's K. Returns the logged steps."""
+    that step's K, and every step's K lies in the selector's range (its keep_range, else its keep).
+    Returns the logged steps."""
     adapter = training_adapter(model)
     assert selector.config["dim"] == adapter.feature_width(adapter.core(model), selector.config["placement"])
     log = [json.loads(line) for line in (Path(folder) / "train_log.jsonl").read_text().splitlines()]
     steps = [e for e in log if "alpha_sum_min" in e]
     assert steps and all(abs(e["alpha_sum_min"] - e["keep"]) < 1e-2 and abs(e["alpha_sum_max"] - e["keep"]) < 1e-2
                          for e in steps)
+    low, high = selector.config.get("keep_range", [selector.config["keep"]] * 2)
+    assert all(low <= e["keep"] <= high for e in steps)
     return steps
 
 
 def test_selector_fits_the_vlm_and_its_log(shipped):
-    """`fits_and_held_its_budget`, the VLM frozen, and every step's K within the selector's range."""
+    """`fits_and_held_its_budget`, and the VLM frozen."""
     model, _, selector = shipped
-    steps = fits_and_held_its_budget(model, selector, WEIGHTS / "tiny-vlm-selector")
+    fits_and_held_its_budget(model, selector, WEIGHTS / "tiny-vlm-selector")
     assert not any(p.requires_grad for p in model.parameters())
-    low, high = selector.config.get("keep_range", [selector.config["keep"]] * 2)
-    assert all(low <= e["keep"] <= high for e in steps)
 
 
 def test_selector_keeps_the_objects_of_unseen_scenes(shipped):
@@ -106,25 +107,38 @@ def test_v2_vlm_has_head_sizes_vllm_cpu_serves(shipped_v2):
 
 
 def test_v2_selector_fits_the_vlm_and_its_log(shipped_v2):
-    """As v1's: `fits_and_held_its_budget` on the package's v2 selector."""
+    """As v1's: `fits_and_held_its_budget` on the package's v2 selector, which was trained over the
+    budgets 16 to 192 (the v2 ablation's choice), not at one K."""
     from autoselect.demo import SHIPPED
 
     model, _, selector = shipped_v2
-    fits_and_held_its_budget(model, selector, SHIPPED[2][1])
+    steps = fits_and_held_its_budget(model, selector, SHIPPED[2][1])
+    assert selector.config["keep_range"] == [16, 192] and len({e["keep"] for e in steps}) > 10
 
 
 def test_v2_selector_keeps_the_objects_and_marks_of_unseen_scenes(shipped_v2):
     """On 16 v2 scenes of another seed than the test split's (3 to 9 objects, clutter), the top 64 of
     576 hold over 90% of the object patches, every object that covers a patch, and over 90% of the
-    digit marks' patches; 64 random tokens hold about 11% of them (measured 2026-11-26: 533 of 534
-    object patches, 79 of 79 mark patches)."""
+    digit marks' patches; 64 random tokens hold about 11% of them (measured 2026-11-27: 531 of 534
+    object patches, 79 of 79 mark patches). At 16 of 576, fewer than one token per object patch, the top
+    16 still touch over 80% of the objects and hold over 80% of the mark patches (measured: 90 of 103
+    objects, 69 of 79 mark patches; the selector trained at K = 64 alone held 84 and 62, which fails)."""
     from autoselect.testbed import data_v2
 
     model, processor, selector = shipped_v2
     scenes = [scene for _, scene, _ in data_v2.generate("test", 16, seed=11)]
     pixels = processor.image_processor([data_v2.render(s) for s in scenes], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
-        _, index = selector.select(placement_tokens(model, pixels, selector.config["placement"]), 64)
+        tokens = placement_tokens(model, pixels, selector.config["placement"])
+        _, index = selector.select(tokens, 64)
+        _, few = selector.select(tokens, 16)
+    touched = covering = few_marks = 0
+    for scene, kept in zip(scenes, few):
+        kept, owner = set(kept.tolist()), data_v2.patch_labels(scene)
+        for number in range(1, len(scene.objects) + 1):
+            patches = set((owner == number).nonzero()[0].tolist())
+            covering, touched = covering + bool(patches), touched + bool(patches & kept)
+        few_marks += len(set(data_v2.mark_patches(scene).nonzero()[0].tolist()) & kept)
     kept_objects = objects = kept_marks = marks = 0
     for scene, kept in zip(scenes, index):
         kept = set(kept.tolist())
@@ -136,6 +150,7 @@ def test_v2_selector_keeps_the_objects_and_marks_of_unseen_scenes(shipped_v2):
         kept_objects, objects = kept_objects + len(object_patches & kept), objects + len(object_patches)
         kept_marks, marks = kept_marks + len(mark_patches & kept), marks + len(mark_patches)
     assert kept_objects / objects > 0.9 and kept_marks / marks > 0.9, (kept_objects, objects, kept_marks, marks)
+    assert touched / covering > 0.8 and few_marks / marks > 0.8, (touched, covering, few_marks, marks)
 
 
 def test_v2_vlm_answers_questions_of_unseen_scenes(shipped_v2, tmp_path):
