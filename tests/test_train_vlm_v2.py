@@ -281,6 +281,9 @@ def test_insert_layer_starts_as_the_saved_model(v2_data, tmp_path):
     assert train_vlm.main(["--version", "2", "--sizes", sizes, "--threads", "1", "--data", str(v2_data),
                            "--out", str(out), "--vision-steps", "0", "--steps", "0", "--init-from", str(saved),
                            "--insert-layer", "1"]) == 0
+    with pytest.raises(SystemExit):  # without --init-from there are no saved layers to put it among
+        train_vlm.main(["--version", "2", "--sizes", sizes, "--data", str(v2_data), "--out", str(tmp_path / "x"),
+                        "--vision-steps", "0", "--steps", "0", "--insert-layer", "1"])
     loaded = transformers.LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True).eval()
     assert loaded.config.text_config.num_hidden_layers == 3
     with torch.no_grad():

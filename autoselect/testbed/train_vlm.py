@@ -716,6 +716,8 @@ def main(argv=None):
         parser.error("--lookup-loss reads testbed v2's scenes and questions (--version 2)")
     if args.feature_cache and args.tower_lr > 0:
         parser.error("--feature-cache holds a frozen tower's features: it cannot be used with --tower-lr > 0")
+    if args.insert_layer is not None and not args.init_from:
+        parser.error("--insert-layer puts a new layer among the layers of an --init-from model: give --init-from")
     if args.sizes is not None and not isinstance(args.sizes, dict):
         parser.error("--sizes must be a JSON object")
     if args.caption_fraction > 0 and args.steps and not os.path.exists(os.path.join(args.data, "train_captions.json")):
