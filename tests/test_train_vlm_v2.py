@@ -243,6 +243,35 @@ def test_recall_every_count_adds_the_generators_count_questions(v2_data):
     assert asked >= 20
 
 
+def test_recall_every_relation_adds_the_generators_yes_no_relations(v2_data, monkeypatch):
+    """--recall-as every+relation: every's turns plus related pairs' yes/no questions asked both ways, one
+    "yes" and one "no" per ordered pair, at most RECALL_RELATION_PAIRS pairs; with the cap lifted, every
+    yes/no relation question the generator asks of the scene is among them with the same answer."""
+    scenes = dict(train_vlm.load_scenes(str(v2_data), "train", 2))
+    capped = 0
+    for scene in scenes.values():
+        turns = train_vlm.recall_turns(scene, np.random.default_rng(0), "every+relation")
+        yes_no = [t for t in turns if t[1] in ("yes", "no")]
+        assert len(yes_no) <= 2 * train_vlm.RECALL_RELATION_PAIRS
+        capped += len(yes_no) == 2 * train_vlm.RECALL_RELATION_PAIRS
+    assert capped  # the fixture has scenes with more related pairs than the cap
+    monkeypatch.setattr(train_vlm, "RECALL_RELATION_PAIRS", 1000)
+    asked = paired = 0
+    for scene in scenes.values():
+        every = train_vlm.recall_turns(scene, np.random.default_rng(0), "every")
+        turns = train_vlm.recall_turns(scene, np.random.default_rng(0), "every+relation")
+        yes_no = [t for t in turns if t[1] in ("yes", "no")]
+        assert sorted(t for t in turns if t not in yes_no) == sorted(every)
+        assert sum(a == "yes" for _, a in yes_no) == sum(a == "no" for _, a in yes_no)
+        paired += len(yes_no)
+        for seed in range(8):  # the generator's own yes/no relation questions about the scene
+            for question in data_v2.make_questions(scene, np.random.default_rng(seed), 2, types=("relation",)):
+                if question.answer in ("yes", "no"):
+                    assert (question.text, question.answer) in yes_no
+                    asked += 1
+    assert asked >= 10 and paired >= 20
+
+
 def test_insert_layer_starts_as_the_saved_model(v2_data, tmp_path):
     """--insert-layer: the deeper model loads the saved layers around a new one whose output projections
     are zero, so it computes exactly the saved model's logits; the saved layers keep their weights at

@@ -651,7 +651,9 @@ def build_parser():
                              "unique shape (questions), those and every shape and digit lookup (all), or all's and "
                              "every location and neighbour-colour question (every), every's with the side of "
                              "each unique shape named by its shape alone (every+shape), or every's with the count "
-                             "of all objects, of each colour and of each shape in the scene (every+count)")
+                             "of all objects, of each colour and of each shape in the scene (every+count), or every's "
+                             "with the yes/no relation of up to 6 related pairs of named objects, both answers "
+                             "(every+relation)")
     parser.add_argument("--position-loss", type=float, default=0.0,
                         help="stage 2 (with --feature-cache): weight of an auxiliary loss that makes the projector's "
                         "output keep each token's place in the image (position_loss; 0: off)")
@@ -911,7 +913,8 @@ def is_caption(run: _Run, step: int, row: int) -> bool:
 
 
 RECALL_QUESTION = "color"
-RECALL_FORMS = ("pairs", "questions", "all", "every", "every+shape", "every+count")
+RECALL_RELATION_PAIRS = 6  # every+relation: the related ordered pairs asked in one sample (at most)
+RECALL_FORMS = ("pairs", "questions", "all", "every", "every+shape", "every+count", "every+relation")
 
 
 def recall_turns(scene, rng, form: str = "pairs") -> list:
@@ -929,7 +932,12 @@ def recall_turns(scene, rng, form: str = "pairs") -> list:
     alone ("Is the star on the left or the right?"): the lookup by shape that colour questions teach,
     with the side to read instead of the colour. Form "every+count" adds every count question the
     generator asks of a scene's objects: "How many objects are there?", "How many {color} objects are
-    there?" for each colour and "How many {shapes} are there?" for each shape the scene has.
+    there?" for each colour and "How many {shapes} are there?" for each shape the scene has. Form
+    "every+relation" adds the yes/no relation question of every ordered pair of named objects A, B in a
+    `data_v2.relation` (at most RECALL_RELATION_PAIRS pairs, drawn at random: a scene has up to 32, 5 on
+    average, and all of them made a training step 3 times slower), asked both ways: A's actual direction ("Is the red
+    star left of the blue circle?" -> "yes") and its opposite ("... right of ..." -> "no"), as the
+    generator asks them.
 
     Why: a small language model trained from scratch on "What color is the star?" after the image did not
     learn to find the star's patches (weights/tiny-vlm-v2-wip/diagnostics). When the colour is the token
@@ -940,8 +948,8 @@ def recall_turns(scene, rng, form: str = "pairs") -> list:
 
     counts = Counter(o.shape for o in scene.objects)
     pairs = [(o.shape, o.color) for o in scene.objects if counts[o.shape] == 1]
-    if form in ("all", "every", "every+shape", "every+count"):
-        from .data_v2 import _unique, location_questions, neighbour_question, neighbours
+    if form in RECALL_FORMS[2:]:
+        from .data_v2 import OPPOSITE, _unique, location_questions, neighbour_question, neighbours, relation
 
         named = _unique(scene.objects)  # the objects named by colour and shape, as the digit questions name them
         colours = Counter(o.color for o in scene.objects)
@@ -960,6 +968,12 @@ def recall_turns(scene, rng, form: str = "pairs") -> list:
             turns.append(("How many objects are there?", str(len(scene.objects))))
             turns += [(f"How many {color} objects are there?", str(n)) for color, n in sorted(colours.items())]
             turns += [(f"How many {plural(shape)} are there?", str(n)) for shape, n in sorted(counts.items())]
+        if form == "every+relation":
+            related = [(a, b, relation(a, b)) for a in named for b in named if a is not b and relation(a, b)]
+            for i in sorted(rng.permutation(len(related))[:RECALL_RELATION_PAIRS]):
+                a, b, actual = related[i]
+                turns += [(f"Is the {a.color} {a.shape} {direction} the {b.color} {b.shape}?", answer)
+                          for direction, answer in ((actual, "yes"), (OPPOSITE[actual], "no"))]
         return [turns[i] for i in rng.permutation(len(turns))]
     if not pairs:
         return []
