@@ -652,8 +652,8 @@ def build_parser():
                              "every location and neighbour-colour question (every), every's with the side of "
                              "each unique shape named by its shape alone (every+shape), or every's with the count "
                              "of all objects, of each colour and of each shape in the scene (every+count), or every's "
-                             "with the yes/no relation of up to 6 related pairs of named objects, both answers "
-                             "(every+relation)")
+                             f"with the yes/no relation of up to {RECALL_RELATION_PAIRS} related pairs of named "
+                             "objects, both answers (every+relation)")
     parser.add_argument("--position-loss", type=float, default=0.0,
                         help="stage 2 (with --feature-cache): weight of an auxiliary loss that makes the projector's "
                         "output keep each token's place in the image (position_loss; 0: off)")
@@ -934,10 +934,10 @@ def recall_turns(scene, rng, form: str = "pairs") -> list:
     generator asks of a scene's objects: "How many objects are there?", "How many {color} objects are
     there?" for each colour and "How many {shapes} are there?" for each shape the scene has. Form
     "every+relation" adds the yes/no relation question of every ordered pair of named objects A, B in a
-    `data_v2.relation` (at most RECALL_RELATION_PAIRS pairs, drawn at random: a scene has up to 32, 5 on
-    average, and all of them made a training step 3 times slower), asked both ways: A's actual direction ("Is the red
-    star left of the blue circle?" -> "yes") and its opposite ("... right of ..." -> "no"), as the
-    generator asks them.
+    `data_v2.relation` (at most RECALL_RELATION_PAIRS pairs, drawn at random: 3,000 training scenes had 5
+    on average and up to 32, and with all of them a training step took 16 s instead of 8 on 2 cores),
+    asked both ways: A's actual direction ("Is the red star left of the blue circle?" -> "yes") and its
+    opposite ("... right of ..." -> "no"), as the generator asks them.
 
     Why: a small language model trained from scratch on "What color is the star?" after the image did not
     learn to find the star's patches (weights/tiny-vlm-v2-wip/diagnostics). When the colour is the token
@@ -969,7 +969,7 @@ def recall_turns(scene, rng, form: str = "pairs") -> list:
             turns += [(f"How many {color} objects are there?", str(n)) for color, n in sorted(colours.items())]
             turns += [(f"How many {plural(shape)} are there?", str(n)) for shape, n in sorted(counts.items())]
         if form == "every+relation":
-            related = [(a, b, relation(a, b)) for a in named for b in named if a is not b and relation(a, b)]
+            related = [(a, b, actual) for a in named for b in named if a is not b and (actual := relation(a, b))]
             for i in sorted(rng.permutation(len(related))[:RECALL_RELATION_PAIRS]):
                 a, b, actual = related[i]
                 turns += [(f"Is the {a.color} {a.shape} {direction} the {b.color} {b.shape}?", answer)
