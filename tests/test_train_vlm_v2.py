@@ -325,6 +325,19 @@ def test_v1_defaults_stay_and_never_caption(tmp_path):
     assert args.checkpoint_every == 250 and not args.resume
 
 
+def test_eval_from_picks_the_validation_questions_after_the_offset(v2_data, tmp_path):
+    """--eval-from 4 --eval-records 3: the evaluations use validation questions 4, 5 and 6 (a run judged on
+    questions no earlier run was chosen on); an offset past the split is an error, not an empty evaluation."""
+    parser = train_vlm.build_parser()
+    base = ["--data", str(v2_data), "--out", str(tmp_path / "run"), "--vision-steps", "0", "--steps", "0", *TINY_ARGS]
+    val = train_vlm.load_records(str(v2_data), "val")
+    run = train_vlm.setup(train_vlm.resolve_defaults(parser.parse_args(base + ["--eval-from", "4",
+                                                                               "--eval-records", "3"])))
+    assert run.val_records == val[4:7] and val[4:7] != val[:3]
+    with pytest.raises(ValueError, match="--eval-from 9 is outside the 9 validation questions"):
+        train_vlm.setup(train_vlm.resolve_defaults(parser.parse_args(base + ["--eval-from", str(len(val))])))
+
+
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(v2_data, tmp_path):
     """Stage 1 stopped after its first step (--max-minutes 0) and resumed; stage 2 run to 6 steps at once,
     and to 3 (--stop-at 3) then resumed to 6: every parameter, the optimizer's step and the running loss

@@ -682,6 +682,10 @@ def build_parser():
     parser.add_argument("--warmup", type=int, default=200)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-records", type=int, default=600, help="validation questions per evaluation")
+    parser.add_argument("--eval-from", type=int, default=0,
+                        help="index of the first validation question the evaluations use (--eval-records from "
+                             "there), e.g. 500 to keep testbed v2's first 500, the selection set of many earlier "
+                             "runs, out of a new run's choice of its best step")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop after this many minutes of this command (the resume checkpoint written; "
                              "stage 2 also validates and keeps the best)")
@@ -817,7 +821,10 @@ def setup(args) -> _Run:
     model = vlm.build_model(seed=args.seed, tokenizer=processor.tokenizer, version=args.version, **(args.sizes or {}))
     model.train()
     train_groups = list(group_by_image(load_records(args.data, "train")).items())
-    val_records = load_records(args.data, "val")[:args.eval_records]
+    val_records = load_records(args.data, "val")
+    if not 0 <= args.eval_from < len(val_records):
+        raise ValueError(f"--eval-from {args.eval_from} is outside the {len(val_records)} validation questions")
+    val_records = val_records[args.eval_from:args.eval_from + args.eval_records]
     captions = load_captions(args.data, "train") if args.caption_fraction > 0 and args.steps else {}
     log_path = os.path.join(args.out, "train_log.jsonl")
     if resume is None:
