@@ -822,7 +822,7 @@ def setup(args) -> _Run:
     model.train()
     train_groups = list(group_by_image(load_records(args.data, "train")).items())
     val_records = load_records(args.data, "val")
-    if not 0 <= args.eval_from < len(val_records):
+    if args.eval_from < 0 or args.eval_from and args.eval_from >= len(val_records):  # 0 works on an empty split
         raise ValueError(f"--eval-from {args.eval_from} is outside the {len(val_records)} validation questions")
     val_records = val_records[args.eval_from:args.eval_from + args.eval_records]
     captions = load_captions(args.data, "train") if args.caption_fraction > 0 and args.steps else {}
