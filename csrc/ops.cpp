@@ -25,10 +25,12 @@ TORCH_LIBRARY(autoselect_C, m) {
       "noise_gate_backward(Tensor grad, Tensor x, Tensor alpha, Tensor mean, Tensor std, "
       "Tensor? noise, int seed, int offset, bool need_x_grad, bool need_alpha_grad) "
       "-> (Tensor, Tensor)");
-  m.def("select_topk(Tensor x, Tensor scores, int[] lengths, int[] ks) -> (Tensor, Tensor)");
+  // The last output of both is `finite`: a 0-dim bool, false when a score was NaN or inf. The kernels
+  // read every score anyway, so the op checks it with one device assert and no extra pass (select.h).
+  m.def("select_topk(Tensor x, Tensor scores, int[] lengths, int[] ks) -> (Tensor, Tensor, Tensor)");
   m.def(
       "score_select(Tensor x, Tensor hidden, Tensor col_sum, Tensor bias, Tensor w2, Tensor b2, float eps, "
-      "int[] lengths, int[] ks) -> (Tensor, Tensor, Tensor)");
+      "int[] lengths, int[] ks) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 namespace py = pybind11;

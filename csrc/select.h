@@ -8,8 +8,9 @@
 // one 64-bit key per token, unique within an image, so "the K largest keys" is exact:
 //   key = (order_bits(score) << 32) | (0xFFFFFFFF - index)
 // order_bits maps a float to a uint32 whose unsigned order is the float order, with -0.0 and +0.0
-// equal. NaN never reaches the kernels from Python (it is an error there); here it maps to a fixed
-// extreme, so a direct call stays deterministic.
+// equal. NaN maps to a fixed extreme, so the selection stays deterministic; the kernels also return
+// `finite` (a 0-dim bool, false when any score was NaN or inf), which the Python op turns into an error
+// with one device assert (no second pass over the scores, no host read).
 //
 // Fused scoring (score_select): the Scorer LayerNorm(D) -> Linear(D, H) -> GELU -> Linear(H, 1)
 // with the LayerNorm's affine folded into the first layer, W' = W1 * gamma, b' = b1 + W1 @ beta,

@@ -3,6 +3,7 @@
 // select_topk:  per image, the K largest 64-bit keys (select.h: score, then lower index) by
 //               std::nth_element (linear on average), the kept positions sorted ascending, the rows
 //               gathered with memcpy. Images run in parallel; the gather runs over all kept rows.
+//               The pass that builds the keys also notes whether every score is finite.
 // score_select: first the scores of every token from the first layer's GEMM output (select.h),
 //               in parallel over tokens, then the same selection. The GEMM itself is torch's.
 #include "select.h"
@@ -24,22 +25,30 @@ namespace {
 
 constexpr int64_t kGrainBytes = 1 << 16;
 
-// The kept positions of every image (local, ascending) into index_out, from float scores.
-void select_indices(const float* scores, const Segments& seg, at::IntArrayRef lengths, at::IntArrayRef ks,
+// The kept positions of every image (local, ascending) into index_out, from float scores; returns
+// whether every score is finite.
+bool select_indices(const float* scores, const Segments& seg, at::IntArrayRef lengths, at::IntArrayRef ks,
                     int64_t* index_out) {
+  std::vector<char> finite(lengths.size(), 1);  // one flag per image: no two threads write the same one
   at::parallel_for(0, static_cast<int64_t>(lengths.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<uint64_t> keys;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t n = lengths[b], k = ks[b];
       const float* s = scores + seg.token_start[b];
       keys.resize(n);
-      for (int64_t i = 0; i < n; ++i) keys[i] = select_key(s[i], static_cast<uint32_t>(i));
+      bool all_finite = true;
+      for (int64_t i = 0; i < n; ++i) {
+        all_finite &= std::isfinite(s[i]);
+        keys[i] = select_key(s[i], static_cast<uint32_t>(i));
+      }
+      finite[b] = all_finite;
       if (k < n) std::nth_element(keys.begin(), keys.begin() + (k - 1), keys.end(), std::greater<uint64_t>());
       int64_t* out = index_out + seg.kept_start[b];
       for (int64_t j = 0; j < k; ++j) out[j] = key_index(keys[j]);
       std::sort(out, out + k);
     }
   });
+  return std::all_of(finite.begin(), finite.end(), [](char f) { return f != 0; });
 }
 
 void gather_rows(const at::Tensor& x, const Segments& seg, at::IntArrayRef ks, const int64_t* index,
@@ -58,18 +67,21 @@ void gather_rows(const at::Tensor& x, const Segments& seg, at::IntArrayRef ks, c
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> select_from_scores(const at::Tensor& x, const at::Tensor& scores_f32,
-                                                      const Segments& seg, at::IntArrayRef lengths,
-                                                      at::IntArrayRef ks) {
+// (kept, index, finite), finite a 0-dim bool.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_from_scores(const at::Tensor& x, const at::Tensor& scores_f32,
+                                                                  const Segments& seg, at::IntArrayRef lengths,
+                                                                  at::IntArrayRef ks) {
   at::Tensor index = at::empty({seg.total_kept}, x.options().dtype(at::kLong));
   at::Tensor kept = at::empty({seg.total_kept, x.size(1)}, x.options());
-  select_indices(scores_f32.const_data_ptr<float>(), seg, lengths, ks, index.mutable_data_ptr<int64_t>());
+  at::Tensor finite = at::empty({}, x.options().dtype(at::kBool));
+  *finite.mutable_data_ptr<bool>() =
+      select_indices(scores_f32.const_data_ptr<float>(), seg, lengths, ks, index.mutable_data_ptr<int64_t>());
   gather_rows(x, seg, ks, index.const_data_ptr<int64_t>(), kept);
-  return {kept, index};
+  return {kept, index, finite};
 }
 
-std::tuple<at::Tensor, at::Tensor> select_topk_cpu(const at::Tensor& x, const at::Tensor& scores,
-                                                   at::IntArrayRef lengths, at::IntArrayRef ks) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_topk_cpu(const at::Tensor& x, const at::Tensor& scores,
+                                                               at::IntArrayRef lengths, at::IntArrayRef ks) {
   const Segments seg = check_select_inputs(x, scores, lengths, ks, c10::DeviceType::CPU, "select_topk");
   return select_from_scores(x, scores.to(at::kFloat).contiguous(), seg, lengths, ks);
 }
@@ -176,10 +188,9 @@ void score_tokens(const at::Tensor& x, const at::Tensor& hidden, const float* co
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> score_select_cpu(const at::Tensor& x, const at::Tensor& hidden,
-                                                                const at::Tensor& col_sum, const at::Tensor& bias,
-                                                                const at::Tensor& w2, const at::Tensor& b2, double eps,
-                                                                at::IntArrayRef lengths, at::IntArrayRef ks) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_select_cpu(
+    const at::Tensor& x, const at::Tensor& hidden, const at::Tensor& col_sum, const at::Tensor& bias,
+    const at::Tensor& w2, const at::Tensor& b2, double eps, at::IntArrayRef lengths, at::IntArrayRef ks) {
   const Segments seg = check_select_inputs(x, at::empty({x.size(0)}, x.options()), lengths, ks,
                                            c10::DeviceType::CPU, "score_select");
   check_scorer_inputs(x, hidden, col_sum, bias, w2, b2, "score_select");
@@ -192,8 +203,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_select_cpu(const at::Tensor
                                   scores.mutable_data_ptr<float>());
     });
   });
-  auto [kept, index] = select_from_scores(x, scores, seg, lengths, ks);
-  return {kept, index, scores};
+  auto [kept, index, finite] = select_from_scores(x, scores, seg, lengths, ks);
+  return {kept, index, scores, finite};
 }
 
 }  // namespace

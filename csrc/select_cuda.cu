@@ -9,11 +9,13 @@
 //   3. the kept positions (key >= threshold) are compacted in index order with a block scan, so
 //      they come out ascending with no sort;
 //   4. the block's warps copy its kept rows (16-byte vectors when the width allows).
+//   Step 1 also clears the launch's `finite` flag (set to true on the stream before the launch) when a
+//   score is NaN or inf: the Python op asserts it on the device, with no second pass over the scores.
 // score_select (one launch after the first layer's GEMM):
 //   blocks of (image, chunk of tokens) score their tokens (a warp per token: the token's mean and
 //   variance over D, then the folded LayerNorm, GELU and the H -> 1 projection, select.h); the last
 //   block of an image to finish (a per-image arrival counter) runs steps 1-4 on the image's
-//   scores. The counters are per launch: a zeroed int buffer of one counter per image, taken from
+//   scores (and clears `finite` as above). The counters are per launch: a zeroed int buffer of one counter per image, taken from
 //   torch's caching allocator on the launch's stream (stream-ordered, so no launch can see another
 //   launch's counters, whatever the streams, and CUDA-graph capture records the zeroing too).
 #include "select.h"
@@ -167,13 +169,17 @@ __device__ void select_and_gather(const uint32_t* order, int32_t* rows, int64_t 
 template <typename scalar_t, typename score_t>
 __global__ void __launch_bounds__(kSelectThreads)
     select_topk_kernel(const scalar_t* __restrict__ x, const score_t* __restrict__ scores, SegmentTable segments,
-                       int64_t D, int64_t max_length, scalar_t* __restrict__ kept, int64_t* __restrict__ index) {
+                       int64_t D, int64_t max_length, scalar_t* __restrict__ kept, int64_t* __restrict__ index,
+                       bool* __restrict__ finite) {
   extern __shared__ uint32_t order[];
   int32_t* rows = reinterpret_cast<int32_t*>(order + max_length);
   int64_t token_start, kept_start, n, k;
   segments.get(blockIdx.x, token_start, kept_start, n, k);
-  for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
-    order[i] = order_bits(static_cast<float>(scores[token_start + i]));
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+    const float score = static_cast<float>(scores[token_start + i]);
+    if (!isfinite(score) && blockIdx.y == 0) *finite = false;  // any number of writers, all of the same value
+    order[i] = order_bits(score);
+  }
   __syncthreads();
   select_and_gather(order, rows, n, k, x + token_start * D, D, kept + kept_start * D, index + kept_start,
                     blockIdx.y == 0, blockIdx.y, gridDim.y);
@@ -193,8 +199,8 @@ __global__ void __launch_bounds__(kSelectThreads)
                         const float* __restrict__ col_sum, const float* __restrict__ bias,
                         const float* __restrict__ w2, const float* __restrict__ b2, float eps,
                         SegmentTable segments, int64_t D, int64_t H, int chunks_per_image, int64_t max_length,
-                        unsigned int* __restrict__ arrivals,
-                        float* __restrict__ scores, scalar_t* __restrict__ kept, int64_t* __restrict__ index) {
+                        unsigned int* __restrict__ arrivals, float* __restrict__ scores,
+                        scalar_t* __restrict__ kept, int64_t* __restrict__ index, bool* __restrict__ finite) {
   extern __shared__ uint32_t order[];
   __shared__ bool last;
   const int64_t image = blockIdx.x / chunks_per_image;
@@ -225,7 +231,10 @@ __global__ void __launch_bounds__(kSelectThreads)
       partial += w2[h] * gelu(pre);
     }
     const float score = warp_sum(partial) + bias2;
-    if (lane == 0) scores[token_start + t] = score;
+    if (lane == 0) {
+      scores[token_start + t] = score;
+      if (!isfinite(score)) *finite = false;
+    }
   }
 
   // The last block of this image to arrive selects it.
@@ -245,6 +254,14 @@ __global__ void __launch_bounds__(kSelectThreads)
 }
 
 // ---- host side ------------------------------------------------------------------------------
+
+// The launch's `finite` flag: a 0-dim bool set to true by a memset on the stream (no kernel launch;
+// captured by a CUDA graph like the kernel itself). The kernels only ever clear it.
+at::Tensor finite_flag(const at::Tensor& like, cudaStream_t stream) {
+  at::Tensor finite = at::empty({}, like.options().dtype(at::kBool));
+  C10_CUDA_CHECK(cudaMemsetAsync(finite.mutable_data_ptr<bool>(), 1, sizeof(bool), stream));
+  return finite;
+}
 
 struct Launch {
   SegmentTable segments;
@@ -307,15 +324,16 @@ unsigned int gather_parts(int64_t images, int64_t max_kept) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(for_the_gpu, for_the_rows)));
 }
 
-std::tuple<at::Tensor, at::Tensor> select_topk_cuda(const at::Tensor& x, const at::Tensor& scores,
-                                                    at::IntArrayRef lengths, at::IntArrayRef ks) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_topk_cuda(const at::Tensor& x, const at::Tensor& scores,
+                                                                at::IntArrayRef lengths, at::IntArrayRef ks) {
   const Segments seg = check_select_inputs(x, scores, lengths, ks, c10::DeviceType::CUDA, "select_topk");
   const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor kept = at::empty({seg.total_kept, x.size(1)}, x.options());
   at::Tensor index = at::empty({seg.total_kept}, x.options().dtype(at::kLong));
-  if (lengths.empty()) return {kept, index};
+  at::Tensor finite = finite_flag(x, stream);
+  if (lengths.empty()) return {kept, index, finite};
   const Launch launch = segment_table(seg, lengths, ks, x);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "select_topk_cuda", [&] {
     using x_t = scalar_t;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, scores.scalar_type(), "select_topk_cuda_scores", [&] {
@@ -324,28 +342,28 @@ std::tuple<at::Tensor, at::Tensor> select_topk_cuda(const at::Tensor& x, const a
       const dim3 grid(static_cast<unsigned int>(lengths.size()), gather_parts(lengths.size(), seg.max_kept));
       kernel<<<grid, kSelectThreads, shared, stream>>>(
           x.const_data_ptr<x_t>(), scores.const_data_ptr<scalar_t>(), launch.segments, x.size(1), seg.max_length,
-          kept.mutable_data_ptr<x_t>(), index.mutable_data_ptr<int64_t>());
+          kept.mutable_data_ptr<x_t>(), index.mutable_data_ptr<int64_t>(), finite.mutable_data_ptr<bool>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {kept, index};
+  return {kept, index, finite};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> score_select_cuda(const at::Tensor& x, const at::Tensor& hidden,
-                                                                 const at::Tensor& col_sum, const at::Tensor& bias,
-                                                                 const at::Tensor& w2, const at::Tensor& b2, double eps,
-                                                                 at::IntArrayRef lengths, at::IntArrayRef ks) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> score_select_cuda(
+    const at::Tensor& x, const at::Tensor& hidden, const at::Tensor& col_sum, const at::Tensor& bias,
+    const at::Tensor& w2, const at::Tensor& b2, double eps, at::IntArrayRef lengths, at::IntArrayRef ks) {
   at::Tensor scores = at::empty({x.size(0)}, x.options().dtype(at::kFloat));
   const Segments seg = check_select_inputs(x, scores, lengths, ks, c10::DeviceType::CUDA, "score_select");
   check_scorer_inputs(x, hidden, col_sum, bias, w2, b2, "score_select");
   TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kDouble,
               "score_select: hidden must be float32 or float64 on CUDA, got ", hidden.scalar_type());
   const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor kept = at::empty({seg.total_kept, x.size(1)}, x.options());
   at::Tensor index = at::empty({seg.total_kept}, x.options().dtype(at::kLong));
-  if (lengths.empty()) return {kept, index, scores};
+  at::Tensor finite = finite_flag(x, stream);
+  if (lengths.empty()) return {kept, index, scores, finite};
   const Launch launch = segment_table(seg, lengths, ks, x);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t chunks = (seg.max_length + kTokensPerScoreBlock - 1) / kTokensPerScoreBlock;
   const int64_t blocks = chunks * static_cast<int64_t>(lengths.size());
   TORCH_CHECK(blocks < (int64_t{1} << 31), "score_select: too many tokens for one launch");
@@ -362,11 +380,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> score_select_cuda(const at::Tenso
           x.const_data_ptr<x_t>(), hidden.const_data_ptr<scalar_t>(), col_sum.const_data_ptr<float>(),
           bias.const_data_ptr<float>(), w2.const_data_ptr<float>(), b2.const_data_ptr<float>(), static_cast<float>(eps),
           launch.segments, x.size(1), hidden.size(1), static_cast<int>(chunks), seg.max_length, arrivals,
-          scores.mutable_data_ptr<float>(), kept.mutable_data_ptr<x_t>(), index.mutable_data_ptr<int64_t>());
+          scores.mutable_data_ptr<float>(), kept.mutable_data_ptr<x_t>(), index.mutable_data_ptr<int64_t>(),
+          finite.mutable_data_ptr<bool>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-  return {kept, index, scores};
+  return {kept, index, scores, finite};
 }
 
 }  // namespace

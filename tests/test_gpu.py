@@ -230,6 +230,17 @@ def test_score_select_cuda_low_precision(dtype):
     assert kept.dtype == dtype and torch.equal(kept, select_topk_ref(x, scores, 64)[0])
 
 
+@gpu
+def test_select_kernels_flag_non_finite_scores_cuda():
+    """The CUDA kernels' `finite` flag (all the op's check reads): false for a NaN or inf score in any
+    image and position, including rows gathered by the blocks other than the first of an image."""
+    from test_select import test_kernels_flag_a_non_finite_score, test_score_select_kernels_flag_a_non_finite_score
+
+    need("select_topk", "cuda")
+    test_kernels_flag_a_non_finite_score("cuda", "cuda")
+    test_score_select_kernels_flag_a_non_finite_score("cuda", "cuda")
+
+
 # ---------------------------------------------------------------------------------------------------
 # soft_topk (PyTorch on every device)
 # ---------------------------------------------------------------------------------------------------

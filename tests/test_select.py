@@ -169,6 +169,99 @@ def test_compiled_kernel_checks_its_inputs():
         torch.ops.autoselect_C.select_topk(x, scores, [4, 6], [5, 1])
 
 
+@pytest.mark.parametrize("device, backend", backend_cases("select_topk"))
+def test_kernels_flag_a_non_finite_score(device, backend):
+    """The kernels' `finite` output, the only thing the op's check reads: true for finite scores, false
+    for one NaN, inf or -inf anywhere in a ragged batch (first, middle or last image, first or last
+    token), and for a float64 score beyond float32's range (compared in float32, it is inf)."""
+    from autoselect.ops.select import SELECT_KERNELS
+
+    lengths, ks = [5, 300, 7], [2, 64, 7]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(sum(lengths), 8, generator=g).to(device)
+    scores = torch.randn(sum(lengths), generator=g).to(device)
+
+    def flag(s):
+        with autoselect.force_backend(backend):
+            kept, index, finite = SELECT_KERNELS.run(x.device, x, s.contiguous(), lengths, ks)
+        assert finite.dtype == torch.bool and finite.shape == () and index.shape == (sum(ks), )
+        return bool(finite)
+
+    assert flag(scores) and flag(scores.double()) and flag(scores.half())
+    for position in (0, 4, 5, 150, 304, 305, 311):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            poisoned = scores.clone()
+            poisoned[position] = bad
+            assert not flag(poisoned), (position, bad)
+    beyond = scores.double()
+    beyond[200] = 1e300
+    assert not flag(beyond)
+
+
+def test_select_topk_reports_a_float64_score_beyond_float32():
+    x, scores = make(1, 10, 4, torch.float32, seed=0)
+    scores = scores.double()
+    scores[0, 2] = -1e300
+    with pytest.raises(ValueError, match="finite.*compared in float32"):
+        select_topk(x, scores, 3)
+
+
+def _autoselect_events(fn):
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = fn()
+    return out, {e.name for e in prof.events() if e.name.startswith("autoselect")}
+
+
+def test_eager_inference_skips_the_op_layer():
+    """Without gradients, tracing or a dispatch mode, select_topk and score_select call the kernels
+    directly (the custom op's dispatch is host work as long as the kernel on a GPU); with a gradient to
+    carry, the op runs (its autograd), and both give the same selection."""
+    x, scores = make(2, 50, 8, torch.float32, seed=3)
+    (kept, index), events = _autoselect_events(lambda: select_topk(x, scores, 5))
+    assert "autoselect::select_topk" not in events and "autoselect_C::select_topk" in events
+    (ragged_kept, _), events = _autoselect_events(lambda: select_topk([x[0], x[1, :20]], [scores[0], scores[1, :20]], 5))
+    assert "autoselect::select_topk" not in events and torch.equal(ragged_kept[0], kept[0])
+    xg = x.clone().requires_grad_(True)
+    (kept_grad, index_grad), events = _autoselect_events(lambda: select_topk(xg, scores, 5))
+    assert "autoselect::select_topk" in events
+    assert torch.equal(index_grad, index) and torch.equal(kept_grad.detach(), kept)
+    kept_grad.sum().backward()
+    assert int(xg.grad.sum()) == 2 * 5 * 8
+    with torch.no_grad():
+        _, events = _autoselect_events(lambda: select_topk(xg, scores, 5))
+    assert "autoselect::select_topk" not in events
+
+    scorer = make_scorer(8, 16, seed=3)
+    _, events = _autoselect_events(lambda: scorer.select(x, 5))
+    assert "autoselect::score_select" not in events and "autoselect_C::score_select" in events
+
+
+def test_dispatch_modes_see_the_op():
+    """Under a Python dispatch mode (a FLOP counter, a tracer) the call goes through the custom op, so the
+    mode sees autoselect.select_topk / score_select, as it did before the eager path existed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x, scores = make(2, 50, 8, torch.float32, seed=3)
+    scorer = make_scorer(8, 16, seed=3)
+    scorer.select(x, 5)  # folds the weights outside the mode
+    with Record() as mode:
+        kept, index = select_topk(x, scores, 5)
+        scorer.select(x, 5)
+    assert "autoselect.select_topk.default" in mode.ops and "autoselect.score_select.default" in mode.ops
+    assert torch.equal(index, select_topk_ref(x, scores, 5)[1])
+
+
 # ------------------------------------------------------------------------------------------------
 # score_select: the Scorer's tail fused with the selection
 # ------------------------------------------------------------------------------------------------
@@ -226,6 +319,32 @@ def test_score_select_ragged_and_reference_formula(device, backend):
     weight, col_sum, bias, w2, b2, eps = scorer.fused_parameters(torch.float32, xs[1].device)
     ref = score_tokens_ref(xs[1], xs[1] @ weight.T, col_sum, bias, w2, b2, eps)
     torch.testing.assert_close(ref, scores[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device, backend", backend_cases("score_select"))
+def test_score_select_kernels_flag_a_non_finite_score(device, backend):
+    """The fused kernel's `finite` output: false when one token (here the last of the second image) holds
+    a NaN or inf, whose score is then NaN; true otherwise."""
+    from autoselect.ops.select import SCORE_SELECT_KERNELS, _first_layer
+
+    scorer = make_scorer(16, 8, seed=6).to(device)
+    x = torch.randn(70, 16, generator=torch.Generator().manual_seed(6)).to(device)
+    weight, col_sum, bias, w2, b2, eps = scorer.fused_parameters(x.dtype, x.device)
+
+    def flag(tokens):
+        with autoselect.force_backend(backend), torch.no_grad():
+            hidden = _first_layer(tokens, weight).contiguous()
+            out = SCORE_SELECT_KERNELS.run(x.device, tokens, hidden, col_sum, bias, w2, b2, eps, [30, 40], [4, 40])
+        assert out[3].dtype == torch.bool and out[3].shape == ()
+        return bool(out[3]), out[2]
+
+    finite, scores = flag(x)
+    assert finite and bool(torch.isfinite(scores).all())
+    for bad in (float("nan"), float("inf")):
+        poisoned = x.clone()
+        poisoned[69, 3] = bad
+        finite, scores = flag(poisoned)
+        assert not finite and not bool(torch.isfinite(scores[69]))
 
 
 def test_score_select_errors():

@@ -203,17 +203,28 @@ def _no_grad(fn, *args):
         return fn(*args)
 
 
+GPU_BAD_VALUES = {
+    "noise_gate": "x = torch.randn(2, 8, 16, device='cuda'); a = torch.full((2, 8), 1.5, device='cuda')\n"
+                  "out = autoselect.noise_gate(x, a, x.new_zeros(16), x.new_ones(16), seed=0)",
+    # a NaN score in the second image's last token: the kernel's finite flag, then one device assert
+    "select_topk": "x = torch.randn(2, 577, 16, device='cuda'); s = torch.randn(2, 577, device='cuda')\n"
+                   "s[1, 576] = float('nan')\nout = autoselect.select_topk(x, s, 64)",
+    "score_select": "x = torch.randn(2, 577, 16, device='cuda'); x[0, 3, 5] = float('inf')\n"
+                    "out = autoselect.Scorer(16, layers=0, hidden=8).cuda().select(x, 64)",
+}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_gpu_bad_alpha_fails_no_later_than_the_next_sync():
+@pytest.mark.parametrize("op", sorted(GPU_BAD_VALUES))
+def test_gpu_bad_values_fail_no_later_than_the_next_sync(op):
     """On a GPU the check is a device assert queued without a host read: it fails the process no later
-    than the next synchronisation, never returning the gated tokens as if they were valid (in a
-    subprocess: a device-side assert ends the CUDA context). Where it surfaces is CUDA's choice: a
-    later kernel launch of the same call may already report it (seen on an H100), or the synchronise."""
+    than the next synchronisation, never returning the tokens as if they were valid (in a subprocess: a
+    device-side assert ends the CUDA context). Where it surfaces is CUDA's choice: a later kernel launch
+    of the same call may already report it (seen on an H100), or the synchronise."""
     code = ("import torch, autoselect\n"
-            "x = torch.randn(2, 8, 16, device='cuda'); a = torch.full((2, 8), 1.5, device='cuda')\n"
             "try:\n"
-            "    z = autoselect.noise_gate(x, a, x.new_zeros(16), x.new_ones(16), seed=0)\n"
+            + "".join(f"    {line}\n" for line in GPU_BAD_VALUES[op].splitlines()) +
             "    print('returned', flush=True)\n"
             "    torch.cuda.synchronize()\n"
             "    print('synchronised', flush=True)\n"

@@ -15,6 +15,13 @@ counts and budgets) runs in one launch without padding to the largest image. A r
 Layers: `select_topk_ref` (the spec in PyTorch) -> the kernels (csrc/select_cpu.cpp,
 csrc/select_cuda.cu) -> the torch op `autoselect::select_topk` (backend choice, fake tensors,
 autograd for x) -> the functional `select_topk`, which checks its inputs and names what is wrong.
+
+Finite scores: each kernel also returns `finite`, a 0-dim bool it clears when it meets a NaN or inf
+score in the pass that reads the scores anyway; the op asserts it on the device (`check_values`: one
+launch, no host read). The eager inference path (`_eager`: plain tensors, no gradient needed, not
+traced) calls the kernels without the custom-op layer, whose dispatch is host work of the order of
+the kernel itself on a GPU; everything else (autograd, torch.compile, fake tensors, dispatch modes)
+goes through the op.
 """
 
 from numbers import Integral, Real
@@ -22,6 +29,7 @@ from typing import List, Sequence, Union
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from ._dispatch import Kernels, check_values, compiled, opmath
 
@@ -72,6 +80,11 @@ def select_topk_ref(x: Tensor, scores: Tensor, k: int):
 
 
 def _packed_reference(x: Tensor, scores: Tensor, lengths: Sequence[int], ks: Sequence[int]):
+    """The packed layout in PyTorch: (kept (sum ks, D), index (sum ks,), finite) as the kernels return."""
+    return _packed_selection(x, scores, lengths, ks) + (torch.isfinite(scores.float()).all(), )
+
+
+def _packed_selection(x: Tensor, scores: Tensor, lengths: Sequence[int], ks: Sequence[int]):
     kept, index = [], []
     start = 0
     for n, k in zip(lengths, ks):
@@ -92,10 +105,25 @@ SELECT_KERNELS = Kernels("select_topk", reference=_packed_reference, cpp=compile
                          cuda=compiled("select_topk"))
 
 
+def _eager(*tensors: Tensor) -> bool:
+    """True when a call may run the kernels without the custom-op layer: plain tensors (no fake or
+    functional tensor, no subclass) of which none needs a gradient, outside torch.compile's tracing
+    and any Python dispatch mode. The result is the op's, with the op's checks."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    return all(type(t) is Tensor and not (grad and t.requires_grad) for t in tensors)
+
+
+def _select_topk_impl(x: Tensor, scores: Tensor, lengths: List[int], ks: List[int]) -> tuple[Tensor, Tensor]:
+    kept, index, finite = SELECT_KERNELS.run(x.device, x, scores, lengths, ks)
+    check_scores_finite(scores, "select_topk", finite)  # inside the op: real values, also under torch.compile
+    return kept, index
+
+
 @torch.library.custom_op("autoselect::select_topk", mutates_args=())
 def _select_topk_op(x: Tensor, scores: Tensor, lengths: List[int], ks: List[int]) -> tuple[Tensor, Tensor]:
-    check_scores_finite(scores, "select_topk")  # inside the op: real values, also under torch.compile
-    return SELECT_KERNELS.run(x.device, x, scores, lengths, ks)
+    return _select_topk_impl(x, scores, lengths, ks)
 
 
 @_select_topk_op.register_fake
@@ -136,19 +164,25 @@ def _segment_starts(lengths, ks, device):
 # Functional
 # ----------------------------------------------------------------------------------------------------
 
-def check_scores_finite(scores: Tensor, where: str):
+def check_scores_finite(scores: Tensor, where: str, finite: Tensor = None):
     """A ValueError when a score is NaN or inf, checked on the device without a host sync (see
-    `_dispatch.check_values`); with AUTOSELECT_DEBUG_CHECKS=1 the message names the first bad one."""
+    `_dispatch.check_values`); with AUTOSELECT_DEBUG_CHECKS=1 the message names the first bad one.
+    `finite`, when given, is the kernel's flag (a bool tensor, false when a score in float32 was NaN or
+    inf), so the scores are not read again; without it they are (`isfinite(scores).all()`)."""
     if scores.numel() == 0:
         return
-    finite = torch.isfinite(scores)
+    float64 = "; float64 scores are compared in float32, where beyond +-3.4e38 is inf" \
+        if finite is not None and scores.dtype == torch.float64 else ""
+    if finite is None:
+        finite = torch.isfinite(scores).all()
 
     def details():
-        position = int((~finite).flatten().nonzero()[0])
-        return (f"found {int((~finite).sum())} NaN or inf value(s), the first at flat position {position} "
+        bad = ~torch.isfinite(scores.float()).flatten()
+        position = int(bad.nonzero()[0])
+        return (f"found {int(bad.sum())} NaN or inf value(s), the first at flat position {position} "
                 f"({scores.flatten()[position].item()})")
 
-    check_values(finite.all(), f"{where}: scores must be finite (a NaN or inf score was found)", details)
+    check_values(finite, f"{where}: scores must be finite (a NaN or inf score was found{float64})", details)
 
 
 def _check_pair(x, scores, where, index_name=""):
@@ -217,7 +251,8 @@ def select_topk(x: Union[Tensor, Sequence[Tensor]], scores: Union[Tensor, Sequen
     where = "select_topk"
     if isinstance(x, (list, tuple)):
         packed_x, packed_scores, lengths, ks = _packed_inputs(x, scores, k, where)
-        kept, index = _select_topk_op(packed_x.contiguous(), packed_scores.contiguous(), lengths, ks)
+        run = _select_topk_impl if _eager(packed_x, packed_scores) else _select_topk_op
+        kept, index = run(packed_x.contiguous(), packed_scores.contiguous(), lengths, ks)
         return list(kept.split(ks)), list(index.split(ks))
     _check_pair(x, scores, where)
     if x.dim() != 3:
@@ -231,8 +266,9 @@ def select_topk(x: Union[Tensor, Sequence[Tensor]], scores: Union[Tensor, Sequen
                         "a (B, N, D) batch keeps the same k in every image")
     B, N, D = x.shape
     k = resolve_k(k, N, where=where)
-    kept, index = _select_topk_op(x.reshape(B * N, D).contiguous() if B * N else x.new_empty(0, D),
-                                  scores.reshape(B * N).contiguous(), [N] * B, [k] * B)
+    run = _select_topk_impl if _eager(x, scores) else _select_topk_op
+    kept, index = run(x.reshape(B * N, D).contiguous() if B * N else x.new_empty(0, D),
+                      scores.reshape(B * N).contiguous(), [N] * B, [k] * B)
     return kept.reshape(B, k, D), index.reshape(B, k)
 
 
@@ -254,20 +290,26 @@ def score_tokens_ref(x: Tensor, hidden: Tensor, col_sum: Tensor, bias: Tensor, w
 
 def _score_select_reference(x, hidden, col_sum, bias, w2, b2, eps, lengths, ks):
     scores = score_tokens_ref(x, hidden, col_sum, bias, w2, b2, eps)
-    kept, index = _packed_reference(x, scores, lengths, ks)
-    return kept, index, scores
+    kept, index, finite = _packed_reference(x, scores, lengths, ks)
+    return kept, index, scores, finite
 
 
 SCORE_SELECT_KERNELS = Kernels("score_select", reference=_score_select_reference, cpp=compiled("score_select"),
                                cuda=compiled("score_select"))
 
 
+def _score_select_impl(x: Tensor, hidden: Tensor, col_sum: Tensor, bias: Tensor, w2: Tensor, b2: Tensor, eps: float,
+                       lengths: List[int], ks: List[int]) -> tuple[Tensor, Tensor, Tensor]:
+    kept, index, scores, finite = SCORE_SELECT_KERNELS.run(x.device, x, hidden, col_sum, bias, w2, b2, eps, lengths,
+                                                           ks)
+    check_scores_finite(scores, "score_select", finite)  # a NaN or inf token gives a non-finite score
+    return kept, index, scores
+
+
 @torch.library.custom_op("autoselect::score_select", mutates_args=())
 def _score_select_op(x: Tensor, hidden: Tensor, col_sum: Tensor, bias: Tensor, w2: Tensor, b2: Tensor, eps: float,
                      lengths: List[int], ks: List[int]) -> tuple[Tensor, Tensor, Tensor]:
-    kept, index, scores = SCORE_SELECT_KERNELS.run(x.device, x, hidden, col_sum, bias, w2, b2, eps, lengths, ks)
-    check_scores_finite(scores, "score_select")  # a NaN or inf token gives a non-finite score
-    return kept, index, scores
+    return _score_select_impl(x, hidden, col_sum, bias, w2, b2, eps, lengths, ks)
 
 
 @_score_select_op.register_fake
@@ -337,8 +379,8 @@ def score_select(x: Union[Tensor, Sequence[Tensor]], scorer, k: Union[KeepSpec, 
     packed_x = packed_x.contiguous()
     with torch.no_grad():
         hidden = _first_layer(packed_x, weight)  # the one GEMM
-        kept, index, scores = _score_select_op(packed_x, hidden.contiguous(), col_sum, bias, w2, b2, eps,
-                                               lengths, ks)
+        run = _score_select_impl if _eager(packed_x, hidden, col_sum, bias, w2, b2) else _score_select_op
+        kept, index, scores = run(packed_x, hidden.contiguous(), col_sum, bias, w2, b2, eps, lengths, ks)
     if ragged:
         out = (list(kept.split(ks)), list(index.split(ks)))
         return out + (list(scores.split(lengths)), ) if return_scores else out
