@@ -221,7 +221,8 @@ def test_eager_inference_skips_the_op_layer():
     x, scores = make(2, 50, 8, torch.float32, seed=3)
     (kept, index), events = _autoselect_events(lambda: select_topk(x, scores, 5))
     assert "autoselect::select_topk" not in events and "autoselect_C::select_topk" in events
-    (ragged_kept, _), events = _autoselect_events(lambda: select_topk([x[0], x[1, :20]], [scores[0], scores[1, :20]], 5))
+    ragged = ([x[0], x[1, :20]], [scores[0], scores[1, :20]])
+    (ragged_kept, _), events = _autoselect_events(lambda: select_topk(*ragged, 5))
     assert "autoselect::select_topk" not in events and torch.equal(ragged_kept[0], kept[0])
     xg = x.clone().requires_grad_(True)
     (kept_grad, index_grad), events = _autoselect_events(lambda: select_topk(xg, scores, 5))

@@ -237,8 +237,9 @@ def select_topk(x: Union[Tensor, Sequence[Tensor]], scores: Union[Tensor, Sequen
         x: visual tokens (B, N, D), fp32/fp16/bf16/fp64; or a ragged batch, a list of (N_i, D)
             tensors (different token counts per image, run in one launch without padding).
         scores: one score per token, (B, N) (or a list of (N_i,)); any float dtype, compared in
-            float32; must be finite (NaN or inf is a ValueError, checked on the device without a
-            host sync: at once on the CPU, at the next synchronisation on a GPU).
+            float32; must be finite there (NaN, inf, or a float64 score beyond float32's range is a
+            ValueError, checked on the device by the kernel that reads the scores, without a host
+            sync: at once on the CPU, at the next synchronisation on a GPU).
         k: tokens to keep per image: an int in [1, N], or a float in (0, 1] (a fraction of N,
             rounded, at least 1). For a ragged batch also a list with one budget per image.
 

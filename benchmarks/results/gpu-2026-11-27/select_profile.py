@@ -50,7 +50,8 @@ def device_ms(fn):
 
 
 torch.set_grad_enabled(False)
-print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+print(f"{torch.cuda.get_device_name()}  torch {torch.__version__}  "
+      f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
 print(f"{'shape':16s} {'path':22s} {'wall ms':>8s} {'host us':>8s} {'device ms':>9s} {'kernels':>7s}")
 for B, N in ((1, 576), (8, 576), (64, 576), (8, 2880)):
     x, scorer, s = make_inputs(B, N, D, torch.bfloat16, "cuda", seed=B)
