@@ -119,11 +119,11 @@ def test_v2_selector_fits_the_vlm_and_its_log(shipped_v2):
 def test_v2_selector_keeps_the_objects_and_marks_of_unseen_scenes(shipped_v2):
     """On 16 v2 scenes of another seed than the test split's (3 to 9 objects, clutter), the top 64 of
     576 hold over 90% of the object patches, every object that covers a patch, and over 90% of the
-    digit marks' patches; 64 random tokens hold about 11% of them (measured 2026-11-27: 533 of 534
+    digit marks' patches; 64 random tokens hold about 11% of them (measured 2026-11-27: 532 of 534
     object patches, 79 of 79 mark patches). At 16 of 576, fewer than one token per object patch, the top
-    16 still touch over 85% of the objects and hold over 75% of the mark patches (measured: 96 of 103
-    objects, 62 of 79 mark patches; the selector trained at K = 64 alone touches 84 objects, which fails;
-    the 16:192 selector trained on the VLM shipped before, 90 and 69)."""
+    16 still touch over 85% of the objects and hold over 75% of the mark patches (measured: 97 of 103
+    objects, 61 of 79 mark patches; the selector trained at K = 64 alone touches 84 objects, which fails;
+    the 16:192 selectors trained on the VLMs shipped before, 96 and 62 (rel-a), 90 and 69 (look-b))."""
     from autoselect.testbed import data_v2
 
     model, processor, selector = shipped_v2
@@ -156,7 +156,7 @@ def test_v2_selector_keeps_the_objects_and_marks_of_unseen_scenes(shipped_v2):
 
 def test_v2_vlm_answers_questions_of_unseen_scenes(shipped_v2, tmp_path):
     """The shipped VLM answers fresh v2 questions with every token at about its measured accuracy
-    (0.832 on 1,500 validation questions, 0.834 on the 3,000 test questions): at least 0.65 on 60
+    (0.850 on 1,500 validation questions, 0.840 on the 3,000 test questions): at least 0.65 on 60
     questions of 20 scenes of another seed; untrained weights answer none."""
     from autoselect.evaluation import evaluate
     from autoselect.testbed import data_v2

@@ -1,5 +1,5 @@
-"""This folder's eval.json (the shipped VLM, run rel-a's step 750, and its selector) against
-look-b-vlm/eval.json (the VLM shipped before, look-b's step 488, and its selector) on the same 3,000 test
+"""This folder's eval.json (the shipped VLM, run rope24's step 650, and its selector) against
+rel-a-vlm/eval.json (the VLM shipped before, rel-a's step 750, and its selector) on the same 3,000 test
 questions: each method's accuracy at each K under both, and the difference (this - before) with the
 paired bootstrap of `autoselect eval` (2,000 resamples, seed 0, 95%).
 
@@ -11,7 +11,7 @@ from pathlib import Path
 from autoselect.evaluation import paired_bootstrap
 
 HERE = Path(__file__).resolve().parent
-now, before = (json.loads((HERE / name).read_text()) for name in ("eval.json", "look-b-vlm/eval.json"))
+now, before = (json.loads((HERE / name).read_text()) for name in ("eval.json", "rel-a-vlm/eval.json"))
 if now["question_ids"] != before["question_ids"]:
     raise SystemExit("the two evaluations are not on the same questions")
 rows_now, rows_before = ({(r["method"], str(r["keep"])): r for r in result["rows"]} for result in (now, before))
