@@ -15,9 +15,10 @@
 //   blocks of (image, chunk of tokens) score their tokens (a warp per token: the token's mean and
 //   variance over D, then the folded LayerNorm, GELU and the H -> 1 projection, select.h); the last
 //   block of an image to finish (a per-image arrival counter) runs steps 1-4 on the image's
-//   scores (and clears `finite` as above). The counters are per launch: a zeroed int buffer of one counter per image, taken from
-//   torch's caching allocator on the launch's stream (stream-ordered, so no launch can see another
-//   launch's counters, whatever the streams, and CUDA-graph capture records the zeroing too).
+//   scores (and clears `finite` as above). The counters are per launch: a zeroed int buffer of one
+//   counter per image, taken from torch's caching allocator on the launch's stream (stream-ordered, so
+//   no launch can see another launch's counters, whatever the streams, and CUDA-graph capture records
+//   the zeroing too).
 #include "select.h"
 
 #include <ATen/Dispatch.h>
