@@ -9,6 +9,23 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 
+
+def _share_cores_among_xdist_workers():
+    """Under pytest-xdist (`-n W`) each worker gets cores / W intra-op threads, and the processes the tests
+    start inherit it (OMP_NUM_THREADS). Left alone, every worker takes all the machine's cores: on a
+    16-core GPU machine, 16 workers of 16 threads made the CPU-bound tests (training loops, the testbed)
+    too slow for the whole suite to finish in 430 s (benchmarks/results/gpu-2026-11-27b)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return
+    threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
+    for variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(variable, threads)
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
+_share_cores_among_xdist_workers()
+
 from autoselect import _backends  # noqa: E402
 
 
@@ -34,7 +51,8 @@ def poison():
     return run
 
 
-TINY_TESTBED_SIZES = dict(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1, text_heads=2)
+TINY_TESTBED_SIZES = dict(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1,
+                          text_heads=2)
 
 
 def save_tiny_testbed_vlm(folder, seed: int = 0):
