@@ -73,10 +73,10 @@ TRITON_VERSIONS ?= 3.6.0
 
 test-triton-versions: $(STAMP)
 	@set -e; for v in $(TRITON_VERSIONS); do \
-	  dir=build/triton-$$v; \
+	  dir=$(abspath build)/triton-$$v; \
 	  [ -f $$dir/triton/__init__.py ] || $(PY) -m pip install -q --no-deps --target $$dir "triton==$$v"; \
-	  PYTHONPATH=$(abspath build)/triton-$$v $(PY) -c 'import triton; print("triton", triton.__version__, "from", triton.__file__)'; \
-	  PYTHONPATH=$(abspath build)/triton-$$v $(PY) -m pytest -q -p no:cacheprovider tests/test_triton_aot.py; \
+	  PYTHONPATH=$$dir $(PY) -c 'import triton; print("triton", triton.__version__, "from", triton.__file__)'; \
+	  PYTHONPATH=$$dir $(PY) -m pytest -q -p no:cacheprovider tests/test_triton_aot.py; \
 	done
 
 # make gpu: for a machine with a CUDA GPU where torch (a CUDA build), triton, transformers and pytest are

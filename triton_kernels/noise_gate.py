@@ -133,10 +133,11 @@ def _device_of(t: torch.Tensor):
 
 
 def _forward_config(D: int):
-    """(BLOCK_R, BLOCK_D, num_warps): 16 elements per thread. Widths that are not a multiple of 4 draw four
-    normals per element (one Philox group each): their tiles hold 1024 elements on 4 warps. Both keep the
-    kernel free of register spills on sm_80 and sm_90 under Triton 3.6 and 3.9 (tests/test_triton_aot.py);
-    4096-element tiles on 8 warps, the same work per thread, spilled 16 bytes in fp32 under Triton 3.6."""
+    """(BLOCK_R, BLOCK_D, num_warps): 2048-element tiles on 4 warps (16 elements a thread). Widths that are
+    not a multiple of 4 draw four normals per element (one Philox group each): their tiles hold 1024 elements
+    on 4 warps. Both keep the kernel free of register spills on sm_80 and sm_90 under Triton 3.6 and 3.9
+    (tests/test_triton_aot.py); 4096-element tiles on 8 warps, the same work per thread, spilled 16 bytes in
+    fp32 under Triton 3.6."""
     block_d = min(triton.next_power_of_2(max(D, 4)), 1024)
     if D % 4:
         return max(1, 1024 // block_d), block_d, 4
