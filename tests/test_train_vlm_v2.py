@@ -2,8 +2,10 @@
 stage 1's digit head, caption mixing and the recall turns in stage 2, and resuming an interrupted run to
 the same weights."""
 
+import collections
 import json
 import random
+import re
 
 import numpy as np
 import pytest
@@ -272,6 +274,31 @@ def test_recall_every_relation_adds_the_generators_yes_no_relations(v2_data, mon
     assert asked >= 10 and paired >= 20
 
 
+def test_recall_every_relation_order_asks_each_pairs_order_as_a_word(v2_data):
+    """--recall-as every+relation+order: every+relation's turns plus, for each asked pair, the order as a
+    word ("Is the red star left or right of the blue circle?" -> "left"), which agrees with the pair's
+    "yes" question and with data_v2.relation; both axes occur."""
+    scenes = dict(train_vlm.load_scenes(str(v2_data), "train", 2))
+    words = collections.Counter()
+    for scene in scenes.values():
+        plain = train_vlm.recall_turns(scene, np.random.default_rng(0), "every+relation")
+        turns = train_vlm.recall_turns(scene, np.random.default_rng(0), "every+relation+order")
+        order = [t for t in turns if " or right of the " in t[0] or " or below the " in t[0]]
+        assert sorted(t for t in turns if t not in order) == sorted(plain)
+        named = {f"{o.color} {o.shape}": o for o in data_v2._unique(scene.objects)}
+        for question, word in order:
+            found = re.fullmatch(r"Is the (\w+ \w+) (left or right of|above or below) the (\w+ \w+)\?", question)
+            assert found, question
+            a, b = named[found.group(1)], named[found.group(3)]
+            actual = data_v2.relation(a, b)
+            assert train_vlm.ORDER_WORDS[actual] == word
+            assert (found.group(2) == "left or right of") == (actual in ("left of", "right of"))
+            assert (f"Is the {found.group(1)} {actual} the {found.group(3)}?", "yes") in turns
+            words[word] += 1
+        assert len(order) == sum(answer == "yes" for _, answer in plain)  # one per asked pair
+    assert words["left"] + words["right"] > 0 and words["above"] + words["below"] > 0, words
+
+
 def test_insert_layer_starts_as_the_saved_model(v2_data, tmp_path):
     """--insert-layer: the deeper model loads the saved layers around a new one whose output projections
     are zero, so it computes exactly the saved model's logits; the saved layers keep their weights at
@@ -379,6 +406,59 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(v2_data, tmp_path
     assert any(e["event"] == "stop" and e["step"] == 3 for e in events)
     assert any(e["event"] == "resume" and e["step"] == 3 for e in events)
     assert events[-1]["event"] == "end" and moved
+
+
+def test_wider_projector_starts_as_the_saved_model(v2_data, tmp_path):
+    """A list vision_feature_layer in --sizes (e.g. [0, -1]): tower_features concatenates the layers as
+    LLaVA's own get_image_features does; --init-from a model that read the last layer alone puts the saved
+    projector columns at that layer's place and zeros for the added one, so the model computes exactly the
+    saved model's logits (in either order of the list); a list that drops the saved layer is refused; the
+    feature cache of the wider features has its own file."""
+    processor = vlm.build_processor(version=2)
+    source = vlm.build_model(seed=3, tokenizer=processor.tokenizer, version=2, **TINY).eval()
+    image = torch.full((1, 578), source.config.image_token_index)
+    image[0, :1], image[0, -1] = 5, 6
+    pixels = torch.randn(1, 3, 336, 336)
+    with torch.no_grad():
+        expected = source(input_ids=image, pixel_values=pixels).logits
+    for layers in ([0, -1], [-1, 0]):
+        wide = vlm.build_model(seed=4, tokenizer=processor.tokenizer, version=2,
+                               **{**TINY, "vision_feature_layer": layers}).eval()
+        assert wide.model.multi_modal_projector.linear_1.in_features == 2 * TINY["vision_hidden"]
+        with torch.no_grad():
+            hidden = wide.model.vision_tower(pixels, output_hidden_states=True).hidden_states
+            features = train_vlm.tower_features(wide, pixels)
+            assert torch.equal(features, torch.cat([hidden[layer][:, 1:] for layer in layers], dim=-1))
+            own = wide.model.get_image_features(pixel_values=pixels, return_dict=True).pooler_output
+            own = torch.stack(list(own)) if isinstance(own, (list, tuple)) else own.reshape(features.shape[:2] + (-1,))
+            torch.testing.assert_close(wide.model.multi_modal_projector(features), own)
+        wide.load_state_dict(train_vlm.with_wider_projector(source.state_dict(), [-1], wide.state_dict(), layers))
+        with torch.no_grad():
+            torch.testing.assert_close(wide(input_ids=image, pixel_values=pixels).logits, expected, rtol=0, atol=1e-5)
+            first = wide.model.multi_modal_projector.linear_1.weight  # the added layer's columns are what is silent
+            added = slice(0, TINY["vision_hidden"]) if layers[0] == 0 else slice(TINY["vision_hidden"], None)
+            first[:, added].normal_(0, 0.5)
+            assert not torch.allclose(wide(input_ids=image, pixel_values=pixels).logits, expected, atol=1e-3)
+    only = vlm.build_model(seed=4, tokenizer=processor.tokenizer, version=2, **{**TINY, "vision_feature_layer": [0]})
+    with pytest.raises(ValueError, match="drops the saved model's feature layer"):
+        train_vlm.with_wider_projector(source.state_dict(), [-1], only.state_dict(), [0])
+    # through the command: --init-from a saved model, --steps 0 saves the wider model as loaded
+    saved, out = tmp_path / "saved", tmp_path / "wide"
+    source.save_pretrained(saved)
+    processor.save_pretrained(saved)
+    sizes = json.dumps({**TINY, "vision_feature_layer": [0, -1]})
+    assert train_vlm.main(["--version", "2", "--sizes", sizes, "--threads", "1", "--data", str(v2_data),
+                           "--out", str(out), "--vision-steps", "0", "--steps", "0", "--init-from", str(saved)]) == 0
+    loaded = transformers.LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True).eval()
+    assert loaded.config.vision_feature_layer == [0, -1]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=image, pixel_values=pixels).logits, expected, rtol=0, atol=1e-5)
+    paths = [path for path, _ in train_vlm.group_by_image(train_vlm.load_records(str(v2_data), "train")).items()][:2]
+    cache = str(tmp_path / "cache")
+    narrow = train_vlm.build_feature_cache(source, processor, str(v2_data), paths, cache, progress=False)
+    wider = train_vlm.build_feature_cache(loaded, processor, str(v2_data), paths, cache, progress=False)
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2  # same tower, two files
+    assert wider.shape[-1] == 2 * narrow.shape[-1] and np.array_equal(wider[..., TINY["vision_hidden"]:], narrow)
 
 
 def test_feature_cache_gives_stage2_the_towers_features(v2_data, tmp_path):

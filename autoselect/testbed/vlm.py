@@ -31,7 +31,7 @@ NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2  # 576
 
 # Sizes of the shipped tiny VLM: small enough to train on two CPU cores, big enough to read the scenes.
 DEFAULT_SIZES = dict(vision_hidden=96, vision_layers=3, vision_heads=4, text_hidden=160, text_layers=3,
-                     text_heads=4, rope_theta=10000.0, text_head_dim=None)
+                     text_heads=4, rope_theta=10000.0, text_head_dim=None, vision_feature_layer=-1)
 # Sizes of the testbed v2 VLM: language model head size 128 / 2 = 64 (vLLM's CPU attention supports it;
 # v1's 160 / 4 = 40 it does not), vision head size 96 / 3 = 32, one more tower layer than v1 (digits, small
 # objects). 1.39 M parameters; measured at about 0.8x v1's stage 2 step time (batch 32, all 576 tokens) on
@@ -40,8 +40,11 @@ DEFAULT_SIZES = dict(vision_hidden=96, vision_layers=3, vision_heads=4, text_hid
 # few frequency pairs stay position-free across 576 image tokens, hence a size one can change).
 # text_head_dim: the language model's head size when not text_hidden / text_heads (Llama's head_dim; None
 # keeps the quotient), so the heads can be made wider (or more numerous) at the same width.
+# vision_feature_layer: the tower's hidden state(s) the projector reads (LlavaConfig's; -1 the last, a list
+# concatenates several, e.g. [0, -1]: the position-embedded patches beside the last layer, whose features hold
+# an object's column only weakly, weights/tiny-vlm-v2-wip/diagnostics/layer_side_probe.txt).
 V2_SIZES = dict(vision_hidden=96, vision_layers=4, vision_heads=3, text_hidden=128, text_layers=3, text_heads=2,
-                rope_theta=10000.0, text_head_dim=None)
+                rope_theta=10000.0, text_head_dim=None, vision_feature_layer=-1)
 VERSIONS = (1, 2)
 
 
@@ -119,7 +122,7 @@ def build_config(tokenizer=None, version: int = 1, **sizes):
                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
     return LlavaConfig(vision_config=vision, text_config=text,
                        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), image_seq_length=NUM_PATCHES,
-                       vision_feature_select_strategy="default", vision_feature_layer=-1,
+                       vision_feature_select_strategy="default", vision_feature_layer=s["vision_feature_layer"],
                        pad_token_id=tokenizer.pad_token_id)
 
 
