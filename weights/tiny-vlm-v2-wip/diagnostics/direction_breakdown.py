@@ -7,16 +7,11 @@ relation by form (the colour of the object beside a named one, or yes/no) and di
 import argparse
 import collections
 import json
-import math
+import os
+import sys
 
-
-def wilson_interval(right: int, total: int, z: float = 1.96):
-    """The 95% Wilson score interval of a proportion right / total."""
-    p = right / total
-    centre = (p + z * z / (2 * total)) / (1 + z * z / total)
-    half = z * math.sqrt(p * (1 - p) / total + z * z / (4 * total * total)) / (1 + z * z / total)
-    return centre - half, centre + half
-
+sys.path.insert(0, os.path.dirname(__file__))
+from intervals import wilson_interval  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("eval")
