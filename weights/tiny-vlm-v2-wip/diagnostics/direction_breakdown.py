@@ -11,7 +11,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from intervals import wilson_interval  # noqa: E402
+from probe_tools import wilson_interval  # noqa: E402
 
 parser = argparse.ArgumentParser()
 parser.add_argument("eval")

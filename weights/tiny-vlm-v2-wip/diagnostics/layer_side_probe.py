@@ -19,6 +19,8 @@ from autoselect.testbed import data_v2
 from autoselect.testbed.train_vlm import load_scenes
 
 sys.path.insert(0, os.path.dirname(__file__))
+from probe_tools import classify  # noqa: E402
+
 torch.manual_seed(0)
 torch.set_num_threads(2)
 folder = sys.argv[1]
@@ -28,21 +30,6 @@ processor = AutoProcessor.from_pretrained(folder)
 scenes = load_scenes("data/testbed-v2", "train", 2)[:count]
 layers = model.config.vision_config.num_hidden_layers + 1
 rows = {key: ([[] for _ in range(layers)], []) for key in ("x", "y", "digit")}
-
-
-def classify(x, y, train, classes, hidden=0, steps=300):
-    """Held-out accuracy of a softmax classifier (hidden = 0: linear; else one GELU layer), Adam, full batch."""
-    x = (x - x[:train].mean(0)) / (x[:train].std(0) + 1e-6)
-    width = x.shape[1]
-    net = (torch.nn.Linear(width, classes) if hidden == 0 else
-           torch.nn.Sequential(torch.nn.Linear(width, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, classes)))
-    optimiser = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    for _ in range(steps):
-        optimiser.zero_grad()
-        torch.nn.functional.cross_entropy(net(x[:train]), y[:train]).backward()
-        optimiser.step()
-    with torch.no_grad():
-        return float((net(x[train:]).argmax(1) == y[train:]).float().mean())
 
 
 with torch.no_grad():

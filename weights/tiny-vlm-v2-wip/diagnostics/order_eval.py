@@ -19,7 +19,7 @@ from autoselect.testbed import data_v2, vlm
 from autoselect.testbed.train_vlm import ORDER_WORDS, load_scenes
 
 sys.path.insert(0, os.path.dirname(__file__))
-from intervals import wilson_interval  # noqa: E402
+from probe_tools import related_pairs, wilson_interval  # noqa: E402
 
 folder = sys.argv[1]
 count = int(sys.argv[2]) if len(sys.argv) > 2 else 300
@@ -31,20 +31,15 @@ scenes = load_scenes("data/testbed-v2", "val", 2)[:count]
 
 questions = []  # (scene path, text, axis, form, answer)
 for path, scene in scenes:
-    named = data_v2._unique(scene.objects)
-    for a in named:
-        for b in named:
-            actual = data_v2.relation(a, b) if a is not b else None
-            if actual is None:
-                continue
-            horizontal = actual in ("left of", "right of")
-            axis = "horizontal" if horizontal else "vertical"
-            words = "left or right of" if horizontal else "above or below"
-            questions.append((path, f"Is the {a.color} {a.shape} {words} the {b.color} {b.shape}?", axis, "order",
-                              ORDER_WORDS[actual]))
-            asked = actual if rng.random() < 0.5 else data_v2.OPPOSITE[actual]
-            questions.append((path, f"Is the {a.color} {a.shape} {asked} the {b.color} {b.shape}?", axis, "yes/no",
-                              "yes" if asked == actual else "no"))
+    for a, b, actual in related_pairs(scene):
+        horizontal = actual in ("left of", "right of")
+        axis = "horizontal" if horizontal else "vertical"
+        words = "left or right of" if horizontal else "above or below"
+        questions.append((path, f"Is the {a.color} {a.shape} {words} the {b.color} {b.shape}?", axis, "order",
+                          ORDER_WORDS[actual]))
+        asked = actual if rng.random() < 0.5 else data_v2.OPPOSITE[actual]
+        questions.append((path, f"Is the {a.color} {a.shape} {asked} the {b.color} {b.shape}?", axis, "yes/no",
+                          "yes" if asked == actual else "no"))
 
 tally = collections.defaultdict(lambda: [0, 0])
 with torch.no_grad():

@@ -24,6 +24,9 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from autoselect.testbed import data_v2, vlm
 from autoselect.testbed.train_vlm import load_scenes
 
+sys.path.insert(0, os.path.dirname(__file__))
+from probe_tools import classify, related_pairs  # noqa: E402
+
 folder = sys.argv[1]
 count = int(sys.argv[2]) if len(sys.argv) > 2 else 1500
 torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 2)
@@ -37,19 +40,14 @@ yes, no = (processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
 
 questions = []  # (scene index, text, axis, answer, order, place A, place B)
 for index, (_, scene) in enumerate(scenes):
-    named = data_v2._unique(scene.objects)
-    for a in named:
-        for b in named:
-            actual = data_v2.relation(a, b) if a is not b else None
-            if actual is None:
-                continue
-            axis = next(name for name, pair in AXES.items() if actual in pair)
-            asked = actual if rng.random() < 0.5 else data_v2.OPPOSITE[actual]
-            first = actual in ("left of", "above")
-            coordinate = "x" if axis == "horizontal" else "y"
-            places = [getattr(o, coordinate) / 14.0 for o in (a, b)]
-            questions.append((index, f"Is the {a.color} {a.shape} {asked} the {b.color} {b.shape}?", axis,
-                              int(asked == actual), int(first), *places))
+    for a, b, actual in related_pairs(scene):
+        axis = next(name for name, pair in AXES.items() if actual in pair)
+        asked = actual if rng.random() < 0.5 else data_v2.OPPOSITE[actual]
+        first = actual in ("left of", "above")
+        coordinate = "x" if axis == "horizontal" else "y"
+        places = [getattr(o, coordinate) / 14.0 for o in (a, b)]
+        questions.append((index, f"Is the {a.color} {a.shape} {asked} the {b.color} {b.shape}?", axis,
+                          int(asked == actual), int(first), *places))
 
 layers = model.config.text_config.num_hidden_layers + 1
 states = [[] for _ in range(layers)]
@@ -66,19 +64,6 @@ with torch.no_grad():
         for layer in range(layers):
             states[layer].append(hidden[layer][:, -1].float())
         predicted += (out.logits[:, -1, yes] > out.logits[:, -1, no]).long().tolist()
-
-
-def fit_binary(x, y, train, steps=400):
-    """Held-out accuracy of a logistic regression (standardised inputs, Adam, full batch)."""
-    x = (x - x[:train].mean(0)) / (x[:train].std(0) + 1e-6)
-    net = torch.nn.Linear(x.shape[1], 2)
-    optimiser = torch.optim.Adam(net.parameters(), lr=3e-3, weight_decay=1e-4)
-    for _ in range(steps):
-        optimiser.zero_grad()
-        torch.nn.functional.cross_entropy(net(x[:train]), y[:train]).backward()
-        optimiser.step()
-    with torch.no_grad():
-        return float((net(x[train:]).argmax(1) == y[train:]).float().mean())
 
 
 def fit_ridge(x, y, train, penalty=1.0):
@@ -106,5 +91,5 @@ for axis in AXES:
           f"{model_right:.3f} on the held-out ones")
     for layer in range(layers):
         x = torch.cat(states[layer])[pick]
-        print(f"  layer {layer}: answer {fit_binary(x, answer, train):.3f}, order {fit_binary(x, order, train):.3f}, "
+        print(f"  layer {layer}: answer {classify(x, answer, train, 2, steps=400):.3f}, order {classify(x, order, train, 2, steps=400):.3f}, "
               f"A's place R^2 {fit_ridge(x, place_a, train):.3f}, B's place R^2 {fit_ridge(x, place_b, train):.3f}")
