@@ -10,7 +10,10 @@ Horizontal pairs (left of / right of) and vertical ones (above / below) apart. I
 there but the order is not, the language model fails to compare them; if the places are not there, it
 fails to read them from the looked-up tokens. Also the model's own accuracy on the same questions.
 
-    python weights/tiny-vlm-v2-wip/diagnostics/relation_probe.py MODEL_FOLDER [SCENES] [THREADS]"""
+With FORM "order" the questions ask the order as a word instead ("Is the red star left or right of the
+blue circle?", `--recall-as every+relation+order`; answer: the order), for a model trained on them.
+
+    python weights/tiny-vlm-v2-wip/diagnostics/relation_probe.py MODEL_FOLDER [SCENES] [THREADS] [FORM]"""
 
 import os
 import sys
@@ -30,13 +33,17 @@ from probe_tools import classify, related_pairs  # noqa: E402
 folder = sys.argv[1]
 count = int(sys.argv[2]) if len(sys.argv) > 2 else 1500
 torch.set_num_threads(int(sys.argv[3]) if len(sys.argv) > 3 else 2)
+form = sys.argv[4] if len(sys.argv) > 4 else "yes/no"
 torch.manual_seed(0)
 rng = np.random.default_rng(0)
 model = LlavaForConditionalGeneration.from_pretrained(folder).eval()
 processor = AutoProcessor.from_pretrained(folder)
 scenes = load_scenes("data/testbed-v2", "train", 2)[:count]
 AXES = {"horizontal": ("left of", "right of"), "vertical": ("above", "below")}
-yes, no = (processor.tokenizer.convert_tokens_to_ids(w) for w in ("yes", "no"))
+# the two answer words each question's answer 1 / 0 stands for: yes / no, or the order's first / second word
+WORDS = {(f, axis): processor.tokenizer.convert_tokens_to_ids(list(pair)) for f, axis, pair in (
+    ("yes/no", "horizontal", ("yes", "no")), ("yes/no", "vertical", ("yes", "no")),
+    ("order", "horizontal", ("left", "right")), ("order", "vertical", ("above", "below")))}
 
 questions = []  # (scene index, text, axis, answer, order, place A, place B)
 for index, (_, scene) in enumerate(scenes):
@@ -46,8 +53,11 @@ for index, (_, scene) in enumerate(scenes):
         first = actual in ("left of", "above")
         coordinate = "x" if axis == "horizontal" else "y"
         places = [getattr(o, coordinate) / 14.0 for o in (a, b)]
+        if form == "order":  # the order as a word: the answer is the order
+            words = "left or right of" if axis == "horizontal" else "above or below"
+            asked, actual = words, words
         questions.append((index, f"Is the {a.color} {a.shape} {asked} the {b.color} {b.shape}?", axis,
-                          int(asked == actual), int(first), *places))
+                          int(asked == actual) if form != "order" else int(first), int(first), *places))
 
 layers = model.config.text_config.num_hidden_layers + 1
 states = [[] for _ in range(layers)]
@@ -63,7 +73,9 @@ with torch.no_grad():
         hidden = out.hidden_states  # left padding: the last position is every prompt's answer position
         for layer in range(layers):
             states[layer].append(hidden[layer][:, -1].float())
-        predicted += (out.logits[:, -1, yes] > out.logits[:, -1, no]).long().tolist()
+        for q, last in zip(batch, out.logits[:, -1]):
+            first_word, second_word = WORDS[(form, q[2])]
+            predicted.append(int(last[first_word] > last[second_word]))
 
 
 def fit_ridge(x, y, train, penalty=1.0):
