@@ -103,5 +103,6 @@ for axis in AXES:
           f"{model_right:.3f} on the held-out ones")
     for layer in range(layers):
         x = torch.cat(states[layer])[pick]
-        print(f"  layer {layer}: answer {classify(x, answer, train, 2, steps=400):.3f}, order {classify(x, order, train, 2, steps=400):.3f}, "
+        said, first = classify(x, answer, train, 2, steps=400), classify(x, order, train, 2, steps=400)
+        print(f"  layer {layer}: answer {said:.3f}, order {first:.3f}, "
               f"A's place R^2 {fit_ridge(x, place_a, train):.3f}, B's place R^2 {fit_ridge(x, place_b, train):.3f}")
