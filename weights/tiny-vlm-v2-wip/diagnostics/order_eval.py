@@ -16,7 +16,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from autoselect.testbed import data_v2, vlm
-from autoselect.testbed.train_vlm import ORDER_WORDS, load_scenes
+from autoselect.testbed.train_vlm import load_scenes, order_question
 
 sys.path.insert(0, os.path.dirname(__file__))
 from probe_tools import related_pairs, wilson_interval  # noqa: E402
@@ -32,11 +32,9 @@ scenes = load_scenes("data/testbed-v2", "val", 2)[:count]
 questions = []  # (scene path, text, axis, form, answer)
 for path, scene in scenes:
     for a, b, actual in related_pairs(scene):
-        horizontal = actual in ("left of", "right of")
-        axis = "horizontal" if horizontal else "vertical"
-        words = "left or right of" if horizontal else "above or below"
-        questions.append((path, f"Is the {a.color} {a.shape} {words} the {b.color} {b.shape}?", axis, "order",
-                          ORDER_WORDS[actual]))
+        axis = "horizontal" if actual in ("left of", "right of") else "vertical"
+        text, word = order_question(a, b, actual)
+        questions.append((path, text, axis, "order", word))
         asked = actual if rng.random() < 0.5 else data_v2.OPPOSITE[actual]
         questions.append((path, f"Is the {a.color} {a.shape} {asked} the {b.color} {b.shape}?", axis, "yes/no",
                           "yes" if asked == actual else "no"))

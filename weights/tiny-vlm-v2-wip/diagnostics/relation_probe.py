@@ -25,7 +25,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
 from autoselect.testbed import data_v2, vlm
-from autoselect.testbed.train_vlm import load_scenes
+from autoselect.testbed.train_vlm import load_scenes, order_question
 
 sys.path.insert(0, os.path.dirname(__file__))
 from probe_tools import classify, related_pairs  # noqa: E402
@@ -54,10 +54,10 @@ for index, (_, scene) in enumerate(scenes):
         coordinate = "x" if axis == "horizontal" else "y"
         places = [getattr(o, coordinate) / 14.0 for o in (a, b)]
         if form == "order":  # the order as a word: the answer is the order
-            words = "left or right of" if axis == "horizontal" else "above or below"
-            asked, actual = words, words
-        questions.append((index, f"Is the {a.color} {a.shape} {asked} the {b.color} {b.shape}?", axis,
-                          int(asked == actual) if form != "order" else int(first), int(first), *places))
+            text, answer = order_question(a, b, actual)[0], int(first)
+        else:
+            text, answer = f"Is the {a.color} {a.shape} {asked} the {b.color} {b.shape}?", int(asked == actual)
+        questions.append((index, text, axis, answer, int(first), *places))
 
 layers = model.config.text_config.num_hidden_layers + 1
 states = [[] for _ in range(layers)]
