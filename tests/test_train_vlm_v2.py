@@ -710,3 +710,43 @@ def test_lookup_queries_split_the_heads_between_two_objects(v2_data):
     assert torch.equal(relation[2], tokens_of(b)) and torch.equal(relation[3], tokens_of(b))
     only_location = train_vlm.lookup_queries([turns], inputs, shown, [scene], collator.image_token_id, heads=4)[0]
     assert only_location == queries[:1]
+
+
+def test_more_heads_start_as_the_saved_model(v2_data, tmp_path):
+    """--init-from with more text_heads in --sizes (same head size): each saved head keeps its query, key
+    and value rows at its `head_places` place, in the half of the heads that --lookup-loss sends to the same
+    object of a relation; the added heads' output columns are zero, so the wider model computes the saved
+    model's logits exactly, through the command too; an odd or smaller number of heads is refused."""
+    sizes = {**TINY, "text_heads": 2, "text_head_dim": 16}
+    processor = vlm.build_processor(version=2)
+    source = vlm.build_model(seed=3, tokenizer=processor.tokenizer, version=2, **sizes).eval()
+    image = torch.full((1, 578), source.config.image_token_index)
+    image[0, :1], image[0, -1] = 5, 6
+    pixels = torch.randn(1, 3, 336, 336)
+    with torch.no_grad():
+        expected = source(input_ids=image, pixel_values=pixels).logits
+    assert train_vlm.head_places(2, 4) == [0, 2] and train_vlm.head_places(4, 8) == [0, 1, 4, 5]
+    wide = vlm.build_model(seed=4, tokenizer=processor.tokenizer, version=2, **{**sizes, "text_heads": 4}).eval()
+    wide.load_state_dict(train_vlm.with_more_heads(source.state_dict(), wide.state_dict(), 2, 4, 16))
+    old, new = source.model.language_model.layers[0].self_attn, wide.model.language_model.layers[0].self_attn
+    for name in ("q_proj", "k_proj", "v_proj"):  # saved head 1 is the second half's first head
+        assert torch.equal(getattr(new, name).weight[32:48], getattr(old, name).weight[16:32])
+    assert torch.equal(new.o_proj.weight[:, 32:48], old.o_proj.weight[:, 16:32])
+    assert not new.o_proj.weight[:, 16:32].any() and new.q_proj.weight[16:32].any()
+    with torch.no_grad():
+        torch.testing.assert_close(wide(input_ids=image, pixel_values=pixels).logits, expected, rtol=0, atol=1e-5)
+        new.o_proj.weight[:, 16:32].normal_(0, 0.5)  # the added heads' zero output columns keep them silent
+        assert not torch.allclose(wide(input_ids=image, pixel_values=pixels).logits, expected, atol=1e-3)
+    for bad in (3, 1):
+        with pytest.raises(ValueError, match="even number of heads"):
+            train_vlm.head_places(2, bad)
+    saved, out = tmp_path / "saved", tmp_path / "wide"
+    source.save_pretrained(saved)
+    processor.save_pretrained(saved)
+    assert train_vlm.main(["--version", "2", "--sizes", json.dumps({**sizes, "text_heads": 4}), "--threads", "1",
+                           "--data", str(v2_data), "--out", str(out), "--vision-steps", "0", "--steps", "0",
+                           "--init-from", str(saved)]) == 0
+    loaded = transformers.LlavaForConditionalGeneration.from_pretrained(out, local_files_only=True).eval()
+    assert loaded.config.text_config.num_attention_heads == 4
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=image, pixel_values=pixels).logits, expected, rtol=0, atol=1e-5)

@@ -870,6 +870,11 @@ def setup(args) -> _Run:
                 if feature_layers(source.config) != feature_layers(model.config):
                     state = with_wider_projector(state, feature_layers(source.config), model.state_dict(),
                                                  feature_layers(model.config))
+                saved_heads = source.config.text_config.num_attention_heads
+                if saved_heads != model.config.text_config.num_attention_heads:
+                    state = with_more_heads(state, model.state_dict(), saved_heads,
+                                            model.config.text_config.num_attention_heads,
+                                            model.config.text_config.head_dim)
                 if args.insert_layer is not None:
                     state = with_inserted_layer(state, model.state_dict(), args.insert_layer)
                 model.load_state_dict(state)
@@ -933,6 +938,45 @@ def with_inserted_layer(saved: dict, fresh: dict, at: int) -> dict:
         if match and int(match.group(1)) == at:
             zero = match.group(2) in ("self_attn.o_proj.weight", "mlp.down_proj.weight")
             state[key] = torch.zeros_like(value) if zero else value.clone()
+    return state
+
+
+def head_places(saved_heads: int, heads: int) -> list:
+    """Where each of a saved model's `saved_heads` attention heads goes among `heads` (--init-from with more
+    text_heads in --sizes): each keeps its half of the heads, the half that --lookup-loss sends to a
+    relation's first (or second) object (`lookup_queries`), so that a learnt lookup is still asked of it."""
+    if heads < saved_heads or heads % 2 or saved_heads % 2:
+        raise ValueError(f"more heads needs an even number of heads at least the saved model's {saved_heads}; "
+                         f"got {heads}")
+    half, new_half = saved_heads // 2, heads // 2
+    return [(h // half) * new_half + h % half for h in range(saved_heads)]
+
+
+def with_more_heads(saved: dict, fresh: dict, saved_heads: int, heads: int, head_dim: int) -> dict:
+    """A state dict for `fresh`'s model (`heads` language-model attention heads of `head_dim`, more than
+    the saved model's `saved_heads`): the saved heads' query, key and value rows at their `head_places`,
+    `fresh`'s initial rows for the added heads, and the output projection's columns of the added heads
+    zero, so that the wider model computes what the saved one did and the added heads learn from there."""
+    places = head_places(saved_heads, heads)
+    state = dict(saved)
+    for key, value in fresh.items():
+        projection = key.rsplit(".", 2)[-2] if key.startswith("model.language_model.layers.") else None
+        if projection not in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            continue
+        if key not in saved:  # a layer the saved model lacks (--insert-layer adds it afterwards)
+            continue
+        old = saved[key]
+        if projection == "o_proj":
+            weight = torch.zeros_like(value).view(value.shape[0], heads, head_dim)
+            weight[:, places] = old.view(old.shape[0], saved_heads, head_dim)
+        else:
+            if value.shape[0] != heads * head_dim or old.shape[0] != saved_heads * head_dim:
+                raise ValueError(f"{key}: {tuple(old.shape)} -> {tuple(value.shape)} is not {saved_heads} -> "
+                                 f"{heads} heads of {head_dim} (more heads keeps the head size and key/value heads "
+                                 "equal to query heads)")
+            weight = value.clone().view(heads, head_dim, value.shape[1])
+            weight[places] = old.view(saved_heads, head_dim, old.shape[1])
+        state[key] = weight.reshape(value.shape)
     return state
 
 
