@@ -502,10 +502,16 @@ class LookupProbe:
         positions = torch.tensor([p for _, p in queries])
         q = attention.q_proj(hidden[rows, positions]).view(len(queries), -1, head_dim)
         q = q * cos[rows, positions][:, None] + rotate_half(q) * sin[rows, positions][:, None]
-        k = attention.k_proj(hidden[rows]).view(len(queries), hidden.shape[1], -1, head_dim)
-        k = k * cos[rows][:, :, None] + rotate_half(k) * sin[rows][:, :, None]
+        # the keys once per row that has questions (not once per question: a row asks up to ~16)
+        unique, inverse = rows.unique(return_inverse=True)
+        k = attention.k_proj(hidden[unique]).view(len(unique), hidden.shape[1], -1, head_dim)
+        k = k * cos[unique][:, :, None] + rotate_half(k) * sin[unique][:, :, None]
         k = k.repeat_interleave(q.shape[1] // k.shape[2], dim=2)
-        logits = torch.einsum("nhd,nthd->nht", q, k) * attention.scaling
+        logits = q.new_empty(len(queries), q.shape[1], hidden.shape[1])
+        for i in range(len(unique)):
+            asked = (inverse == i).nonzero().flatten()
+            logits = logits.index_put((asked,), torch.einsum("nhd,thd->nht", q[asked], k[i]))
+        logits = logits * attention.scaling
         keys = torch.arange(hidden.shape[1])
         allowed = (attention_mask[rows] > 0) & (keys[None] <= positions[:, None])
         weights = logits.float().masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
