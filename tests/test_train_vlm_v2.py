@@ -408,19 +408,27 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(v2_data, tmp_path
     assert events[-1]["event"] == "end" and moved
 
 
+
+def _saved_model_and_logits(sizes):
+    """A small saved-model stand-in (seed 3, `sizes`), one image-first input and the model's logits on
+    it: what a model grown from it (--init-from) must reproduce."""
+    processor = vlm.build_processor(version=2)
+    source = vlm.build_model(seed=3, tokenizer=processor.tokenizer, version=2, **sizes).eval()
+    image = torch.full((1, 578), source.config.image_token_index)
+    image[0, :1], image[0, -1] = 5, 6
+    pixels = torch.randn(1, 3, 336, 336)
+    with torch.no_grad():
+        expected = source(input_ids=image, pixel_values=pixels).logits
+    return processor, source, image, pixels, expected
+
+
 def test_wider_projector_starts_as_the_saved_model(v2_data, tmp_path):
     """A list vision_feature_layer in --sizes (e.g. [0, -1]): tower_features concatenates the layers as
     LLaVA's own get_image_features does; --init-from a model that read the last layer alone puts the saved
     projector columns at that layer's place and zeros for the added one, so the model computes exactly the
     saved model's logits (in either order of the list); a list that drops the saved layer is refused; the
     feature cache of the wider features has its own file."""
-    processor = vlm.build_processor(version=2)
-    source = vlm.build_model(seed=3, tokenizer=processor.tokenizer, version=2, **TINY).eval()
-    image = torch.full((1, 578), source.config.image_token_index)
-    image[0, :1], image[0, -1] = 5, 6
-    pixels = torch.randn(1, 3, 336, 336)
-    with torch.no_grad():
-        expected = source(input_ids=image, pixel_values=pixels).logits
+    processor, source, image, pixels, expected = _saved_model_and_logits(TINY)
     for layers in ([0, -1], [-1, 0]):
         wide = vlm.build_model(seed=4, tokenizer=processor.tokenizer, version=2,
                                **{**TINY, "vision_feature_layer": layers}).eval()
@@ -718,13 +726,7 @@ def test_more_heads_start_as_the_saved_model(v2_data, tmp_path):
     object of a relation; the added heads' output columns are zero, so the wider model computes the saved
     model's logits exactly, through the command too; an odd or smaller number of heads is refused."""
     sizes = {**TINY, "text_heads": 2, "text_head_dim": 16}
-    processor = vlm.build_processor(version=2)
-    source = vlm.build_model(seed=3, tokenizer=processor.tokenizer, version=2, **sizes).eval()
-    image = torch.full((1, 578), source.config.image_token_index)
-    image[0, :1], image[0, -1] = 5, 6
-    pixels = torch.randn(1, 3, 336, 336)
-    with torch.no_grad():
-        expected = source(input_ids=image, pixel_values=pixels).logits
+    processor, source, image, pixels, expected = _saved_model_and_logits(sizes)
     assert train_vlm.head_places(2, 4) == [0, 2] and train_vlm.head_places(4, 8) == [0, 1, 4, 5]
     wide = vlm.build_model(seed=4, tokenizer=processor.tokenizer, version=2, **{**sizes, "text_heads": 4}).eval()
     wide.load_state_dict(train_vlm.with_more_heads(source.state_dict(), wide.state_dict(), 2, 4, 16))
