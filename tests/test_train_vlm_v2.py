@@ -408,7 +408,6 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(v2_data, tmp_path
     assert events[-1]["event"] == "end" and moved
 
 
-
 def _saved_model_and_logits(sizes):
     """A small saved-model stand-in (seed 3, `sizes`), one image-first input and the model's logits on
     it: what a model grown from it (--init-from) must reproduce."""
