@@ -660,6 +660,11 @@ def test_lookup_loss_is_the_layers_attention_on_the_asked_object(v2_data, tmp_pa
                                 for (row, position), mask in zip(queries, halves)])
         assert torch.allclose(on_halves, expected, atol=1e-5) == close, (layer, on_halves, expected)
     assert (on_halves - 0.5).abs().max() > 0.2
+    shuffled = torch.randperm(len(queries), generator=torch.Generator().manual_seed(1)).tolist()  # rows out of order
+    assert [queries[i][0] for i in shuffled] != sorted(queries[i][0] for i in shuffled)
+    with torch.no_grad():
+        in_any_order = probe.mass([queries[i] for i in shuffled], halves[shuffled], inputs["attention_mask"])
+    torch.testing.assert_close(in_any_order, on_halves[shuffled], rtol=0, atol=1e-6)
 
     # the loss: the plain loss plus weight x -log(mass), with gradient into the first layer
     plain_run = train_vlm.setup(train_vlm.resolve_defaults(parser.parse_args(args + ["--out", str(tmp_path / "b")])))

@@ -507,11 +507,9 @@ class LookupProbe:
         k = attention.k_proj(hidden[unique]).view(len(unique), hidden.shape[1], -1, head_dim)
         k = k * cos[unique][:, :, None] + rotate_half(k) * sin[unique][:, :, None]
         k = k.repeat_interleave(q.shape[1] // k.shape[2], dim=2)
-        logits = q.new_empty(len(queries), q.shape[1], hidden.shape[1])
-        for i in range(len(unique)):
-            asked = (inverse == i).nonzero().flatten()
-            logits = logits.index_put((asked,), torch.einsum("nhd,thd->nht", q[asked], k[i]))
-        logits = logits * attention.scaling
+        asked = [(inverse == i).nonzero().flatten() for i in range(len(unique))]
+        logits = torch.cat([torch.einsum("nhd,thd->nht", q[a], k[i]) for i, a in enumerate(asked)])
+        logits = logits[torch.cat(asked).argsort()] * attention.scaling  # back in the questions' order
         keys = torch.arange(hidden.shape[1])
         allowed = (attention_mask[rows] > 0) & (keys[None] <= positions[:, None])
         weights = logits.float().masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
@@ -694,7 +692,9 @@ def build_parser():
                              "so that the language model learns the lookup by shape before it has to find the "
                              "shape in a question (recall_turns; 0: off)")
     parser.add_argument("--init-from", help="a saved tiny VLM to continue from (every weight; with "
-                        "--vision-steps 0): a second stage 2 with a fresh learning-rate schedule")
+                        "--vision-steps 0): a second stage 2 with a fresh learning-rate schedule; more text_heads "
+                        "or vision_feature_layer layers in --sizes than it has grow it so that it starts as the "
+                        "saved model (with_more_heads, with_wider_projector)")
     parser.add_argument("--insert-layer", type=int, default=None,
                         help="with --init-from and one more text_layers in --sizes than the saved model has: put a "
                              "new language-model layer at this index, started as the identity (its attention's and "
